@@ -1,0 +1,159 @@
+"""`LongPOConfig`: TRL's `DPOConfig` plus the LongPO objective's knobs, with long-context-safe defaults."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl import DPOConfig
+
+NLL_SCOPES = ("sequence", "completion")
+TRUNCATION_MODES = ("error", "drop")
+
+
+@dataclass
+class LongPOConfig(DPOConfig):
+    r"""
+    Configuration class for [`LongPOTrainer`] (LongPO, [arXiv 2502.13922](https://huggingface.co/papers/2502.13922)).
+
+    Inherits every field of [`~trl.DPOConfig`] (and so of [`~transformers.TrainingArguments`]); parse it from the
+    command line or a YAML file with [`~trl.TrlParser`]. The objective is
+
+        loss = nll_weight · NLL + dpo_weight · L_LongPO,
+        L_LongPO = −log σ(β · [(log πθ(y_w|x_L) − log πref(y_w|x_S)) − (log πθ(y_l|x_L) − log πref(y_l|x_S))])
+
+    where the policy πθ sees the long prompt x_L and the frozen reference πref the short prompt x_S.
+
+    Parameters:
+        dpo_weight (`float`, *optional*, defaults to `0.01`):
+            λ, the weight of the LongPO preference term (paper Eq. 14 and official code: 0.01).
+        nll_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the NLL term on the chosen long sequence. `0.0` gives the pure short-to-long preference loss.
+        nll_scope (`str`, *optional*, defaults to `"sequence"`):
+            `"sequence"` (paper): mean token NLL over the whole chosen long sequence — document, instructions and
+            answers; pads excluded. `"completion"`: mean over the chosen answer tokens only (TRL's `"sft"` term).
+        policy_rope_theta (`float`, *optional*):
+            RoPE base θ given to the policy for long inputs (paper: 1e7 for Mistral-7B-Instruct-v0.2). The reference
+            keeps the model's original RoPE. The saved model carries the new θ.
+        beta (`float`, *optional*, defaults to `0.1`):
+            Inherited from DPOConfig. The paper's text uses 0.1; the official code and its README run 0.01.
+
+    > Defaults that differ from [`~trl.DPOConfig`] because DPO's are wrong for long contexts or for the paper:
+    > - `max_length`: `None` (no limit) instead of `1024`. DPO silently cuts every sequence to 1,024 tokens, which
+    >   would reduce a 128K-token document to its first page.
+    > - `truncation_mode`: `"error"` instead of `"keep_start"`. A row longer than `max_length` raises an error naming
+    >   the row; `"drop"` removes such rows and logs how many. LongPO never truncates a document silently.
+    > - `bf16`: on when a bf16-capable accelerator is present, off on CPU (DPOConfig's unconditional `True` refuses
+    >   to start on a CPU-only machine).
+    > - `learning_rate`: `5e-7`, `lr_scheduler_type`: `"cosine"`, `warmup_steps`: `0.1` (a ratio), as in the paper.
+    """
+
+    _VALID_DICT_FIELDS = DPOConfig._VALID_DICT_FIELDS
+
+    learning_rate: float = field(
+        default=5e-7,
+        metadata={"help": "The initial learning rate (paper: 5e-7)."},
+    )
+    lr_scheduler_type: str = field(
+        default="cosine",
+        metadata={"help": "The scheduler type to use (paper: cosine)."},
+    )
+    warmup_steps: float = field(
+        default=0.1,
+        metadata={
+            "help": "Linear warmup over this many steps; a value below 1 is a ratio of the total steps (paper: 0.1)."
+        },
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Maximum tokens of a tokenized sequence (long prompt + answer, and short prompt + answer). `None` "
+            "(default) means no limit. Rows above it raise an error, or are dropped with a logged count when "
+            "`truncation_mode='drop'`. Nothing is ever truncated."
+        },
+    )
+    truncation_mode: str = field(
+        default="error",
+        metadata={
+            "help": "What to do with a row longer than `max_length`: `'error'` (default) stops with the row index and "
+            "its length; `'drop'` removes the row and logs how many were removed. DPO's `'keep_start'` would cut the "
+            "answer (or the document) and is refused.",
+            "choices": list(TRUNCATION_MODES),
+        },
+    )
+    dpo_weight: float = field(
+        default=0.01,
+        metadata={"help": "λ, the weight of the LongPO preference term: loss = nll_weight·NLL + dpo_weight·L_LongPO."},
+    )
+    nll_weight: float = field(
+        default=1.0,
+        metadata={"help": "Weight of the NLL term on the chosen long sequence."},
+    )
+    nll_scope: str = field(
+        default="sequence",
+        metadata={
+            "help": "Tokens the NLL averages over: `'sequence'` (paper: the whole chosen long sequence, pads "
+            "excluded) or `'completion'` (the chosen answer tokens only).",
+            "choices": list(NLL_SCOPES),
+        },
+    )
+    policy_rope_theta: float | None = field(
+        default=None,
+        metadata={
+            "help": "RoPE base θ for the policy on long inputs (paper: 1e7 for Mistral-7B-Instruct-v0.2). The reference "
+            "keeps the original θ. `None` keeps the model's θ."
+        },
+    )
+
+    def __post_init__(self):
+        problems = []
+        if self.nll_scope not in NLL_SCOPES:
+            problems.append(f"`nll_scope` must be one of {NLL_SCOPES}, got {self.nll_scope!r}.")
+        if self.truncation_mode not in TRUNCATION_MODES:
+            problems.append(
+                f"`truncation_mode={self.truncation_mode!r}` is not supported by LongPO: DPO's 'keep_start'/'keep_end' "
+                "cut the long document or the answer. Use 'error' (default) or 'drop', or raise `max_length`."
+            )
+        if self.dpo_weight < 0 or self.nll_weight < 0:
+            problems.append(
+                f"`dpo_weight` ({self.dpo_weight}) and `nll_weight` ({self.nll_weight}) must be non-negative."
+            )
+        if self.dpo_weight == 0 and self.nll_weight == 0:
+            problems.append("`dpo_weight` and `nll_weight` are both 0: the loss would be identically zero.")
+        if self.max_length is not None and self.max_length <= 0:
+            problems.append(f"`max_length` must be positive or None, got {self.max_length}.")
+        if self.policy_rope_theta is not None and self.policy_rope_theta <= 0:
+            problems.append(f"`policy_rope_theta` must be positive, got {self.policy_rope_theta}.")
+        loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
+        if loss_type != ["sigmoid"]:
+            problems.append(
+                f"`loss_type={loss_type}` conflicts with LongPO, whose preference term is the sigmoid loss with the "
+                "short-to-long reference; weight the NLL with `nll_weight` instead of adding 'sft'."
+            )
+        if self.loss_weights is not None:
+            problems.append("`loss_weights` is not used by LongPO: set `dpo_weight` and `nll_weight` instead.")
+        if self.ld_alpha is not None:
+            problems.append("`ld_alpha` (LD-DPO) is not supported by LongPO.")
+        if self.use_weighting:
+            problems.append("`use_weighting` (WPO) is not supported by LongPO.")
+        if self.f_divergence_type != "reverse_kl":
+            problems.append("LongPO's short-to-long constraint is a reverse KL: leave `f_divergence_type='reverse_kl'`.")
+        if self.sync_ref_model:
+            problems.append(
+                "`sync_ref_model` (TR-DPO) conflicts with LongPO: the reference must stay the frozen short-context "
+                "model that anchors short-context skills."
+            )
+        if problems:
+            raise ValueError("Invalid LongPOConfig:\n- " + "\n- ".join(problems))
+        if self.bf16 is None:
+            # DPOConfig turns bf16 on unconditionally, which makes `TrainingArguments` refuse to start on a CPU-only
+            # machine (a notebook, CI). Turn it on only where an accelerator supports it.
+            self.bf16 = not self.fp16 and not self.use_cpu and _bf16_accelerator_available()
+        super().__post_init__()
+
+
+def _bf16_accelerator_available() -> bool:
+    import torch
+
+    return (torch.cuda.is_available() and torch.cuda.is_bf16_supported()) or (
+        hasattr(torch, "xpu") and torch.xpu.is_available()
+    )
