@@ -108,6 +108,7 @@ class LongPOTrainer(DPOTrainer):
             raise TypeError(
                 f"`args` must be a `LongPOConfig`, got {type(args).__name__}. LongPOConfig accepts every DPOConfig field."
             )
+        self._reference_rope = None  # set below with `policy_rope_theta`; read by the precompute pass in super()
         if not isinstance(model, str):
             check_causal_lm(model)
             if (
@@ -154,7 +155,6 @@ class LongPOTrainer(DPOTrainer):
             check_causal_lm(self.model)
 
         # RoPE θ changes only after DPOTrainer built (and, if asked, precomputed) the reference with the original θ
-        self._reference_rope = None
         if args.policy_rope_theta is not None:
             saved = set_rope_theta(self.model, args.policy_rope_theta)
             # Through a PEFT policy with adapters disabled, the reference pass must see the original frequencies

@@ -1,0 +1,107 @@
+"""Shared fixtures: an offline tiny Mistral model/tokenizer and small LongPO rows built from Python's help texts."""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+
+import pytest
+import torch
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=FutureWarning)
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from trl_longpo.tiny import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture
+def tiny_model():
+    from trl_longpo.tiny import build_tiny_model
+
+    return build_tiny_model(seed=0)
+
+
+def _texts(n: int, start: int = 0, chars: int = 400) -> list[str]:
+    from trl_longpo.tiny import corpus_texts
+
+    texts = corpus_texts()
+    return [texts[(start + i) % len(texts)][:chars] for i in range(n)]
+
+
+def make_rows(n: int = 4, conversational: bool = True, short_equals_long: bool = False, seed: int = 0) -> list[dict]:
+    """LongPO rows of varied lengths: long prompt = 3 passages + question; short = the answer's passage + question."""
+    rows = []
+    for i in range(n):
+        passages = _texts(3, start=seed * 7 + 3 * i, chars=150 + 40 * i)
+        question = f"Question {i}: what does passage {i % 3} describe?"
+        long_text = "\n\n".join(passages) + "\n\n" + question
+        short_text = long_text if short_equals_long else passages[i % 3] + "\n\n" + question
+        chosen = f"It describes {passages[i % 3][:20 + 5 * i].strip()}."
+        rejected = f"Passage {i} is about something else {'entirely ' * (i + 1)}"
+        if conversational:
+            rows.append(
+                {
+                    "prompt": [{"role": "user", "content": long_text}],
+                    "short_prompt": [{"role": "user", "content": short_text}],
+                    "chosen": [{"role": "assistant", "content": chosen}],
+                    "rejected": [{"role": "assistant", "content": rejected}],
+                }
+            )
+        else:
+            rows.append({"prompt": long_text, "short_prompt": short_text, "chosen": " " + chosen, "rejected": " " + rejected})
+    return rows
+
+
+def make_two_turn_row(seed: int = 0) -> dict:
+    p = _texts(4, start=seed, chars=200)
+    q1, q2 = "What is the first topic about?", "And the second one?"
+    doc = "\n\n".join(p)
+    return {
+        "prompt": [{"role": "user", "content": doc + "\n\n" + q1}],
+        "short_prompt": [
+            [{"role": "user", "content": p[0] + "\n\n" + q1}],
+            [{"role": "user", "content": p[2] + "\n\n" + q2}],
+        ],
+        "chosen": [
+            {"role": "assistant", "content": "The first is about " + p[0][:30]},
+            {"role": "user", "content": q2},
+            {"role": "assistant", "content": "The second is about " + p[2][:25]},
+        ],
+        "rejected": [
+            {"role": "assistant", "content": "No idea."},
+            {"role": "user", "content": q2},
+            {"role": "assistant", "content": "Probably " + p[1][:15]},
+        ],
+    }
+
+
+def longpo_args(tmp_path, **overrides):
+    from trl_longpo import LongPOConfig
+
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        report_to="none",
+        per_device_train_batch_size=4,
+        bf16=False,
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    defaults.update(overrides)
+    return LongPOConfig(**defaults)
+
+
+def clone(model):
+    return copy.deepcopy(model)

@@ -1,0 +1,113 @@
+"""Bad input gets a clear error naming the field, row or option (issue 2, test 8)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from conftest import longpo_args, make_rows, make_two_turn_row
+from datasets import Dataset
+from transformers import BertConfig, BertForMaskedLM
+from trl import DPOConfig
+
+from trl_longpo import LongPOConfig, LongPOTrainer
+from trl_longpo.tokenization import LongPODataError
+
+
+def _trainer(tokenizer, model, rows, tmp_path, **config):
+    return LongPOTrainer(model=model, args=longpo_args(tmp_path, **config), train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)
+
+
+def test_missing_short_prompt_column(tokenizer, tiny_model, tmp_path):
+    rows = [{k: v for k, v in r.items() if k != "short_prompt"} for r in make_rows(2)]
+    with pytest.raises(LongPODataError, match=r"missing the column\(s\) \['short_prompt'\]"):
+        _trainer(tokenizer, tiny_model, rows, tmp_path)
+
+
+@pytest.mark.parametrize("field", ["chosen", "rejected"])
+def test_empty_answers(tokenizer, tiny_model, tmp_path, field):
+    rows = make_rows(3)
+    rows[2][field] = [{"role": "assistant", "content": "  "}]
+    with pytest.raises(LongPODataError, match=rf"Row 2: assistant message 0 of `{field}` is empty"):
+        _trainer(tokenizer, tiny_model, rows, tmp_path)
+    standard = make_rows(3, conversational=False)
+    standard[1][field] = ""
+    with pytest.raises(LongPODataError, match=rf"Row 1: `{field}` is empty"):
+        _trainer(tokenizer, tiny_model, standard, tmp_path)
+
+
+def test_multi_turn_short_prompt_count_mismatch(tokenizer, tiny_model, tmp_path):
+    row = make_two_turn_row()
+    row["short_prompt"] = row["short_prompt"][:1] * 3
+    with pytest.raises(LongPODataError, match=r"Row 0: `short_prompt` holds 3 short prompt\(s\) but `chosen` has 2"):
+        _trainer(tokenizer, tiny_model, [row], tmp_path)
+
+
+def test_multi_turn_follow_up_instructions_must_match(tokenizer, tiny_model, tmp_path):
+    row = make_two_turn_row()
+    row["rejected"][1] = {"role": "user", "content": "A different question?"}
+    with pytest.raises(LongPODataError, match="follow-up user turns"):
+        _trainer(tokenizer, tiny_model, [row], tmp_path)
+
+
+def test_short_prompt_format_must_match_prompt(tokenizer, tiny_model, tmp_path):
+    rows = [dict(r, short_prompt=r["short_prompt"][0]["content"]) for r in make_rows(2)]  # a string, not messages
+    with pytest.raises(LongPODataError, match="Row 0: `short_prompt` must be a message list"):
+        _trainer(tokenizer, tiny_model, rows, tmp_path)
+
+
+def test_long_prompt_over_max_length_is_an_error_by_default(tokenizer, tiny_model, tmp_path):
+    rows = make_rows(4)
+    with pytest.raises(LongPODataError, match=r"exceed max_length=60: row 0 \(long \d+, short \d+ tokens\)") as info:
+        _trainer(tokenizer, tiny_model, rows, tmp_path, max_length=60)
+    assert "truncation_mode='drop'" in str(info.value)
+
+
+def test_drop_mode_drops_and_logs(tokenizer, tiny_model, tmp_path, caplog):
+    rows = make_rows(4)
+    lengths = []
+    probe = _trainer(tokenizer, tiny_model, rows, tmp_path)
+    for ex in probe.train_dataset:
+        lengths.append(len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"])))
+    limit = sorted(lengths)[1]  # keeps the two shortest rows
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        trainer = _trainer(tokenizer, tiny_model, rows, tmp_path, max_length=limit, truncation_mode="drop")
+    assert len(trainer.train_dataset) == 2
+    assert all(len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) <= limit
+               for ex in trainer.train_dataset)
+    assert "Dropped 2 of 4 rows" in caplog.text
+
+
+def test_non_causal_model_is_refused(tokenizer, tmp_path):
+    bert = BertForMaskedLM(BertConfig(vocab_size=1024, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64))
+    with pytest.raises(ValueError, match="BertForMaskedLM, not a decoder-only causal language model"):
+        _trainer(tokenizer, bert, make_rows(2), tmp_path)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"loss_type": ["sigmoid", "sft"]}, "conflicts with LongPO"),
+        ({"ld_alpha": 0.5}, "ld_alpha"),
+        ({"dpo_weight": 0.0, "nll_weight": 0.0}, "both 0"),
+        ({"nll_scope": "tokens"}, "nll_scope"),
+        ({"truncation_mode": "keep_start"}, "truncation_mode='keep_start'"),
+        ({"sync_ref_model": True}, "sync_ref_model"),
+        ({"dpo_weight": -1.0}, "non-negative"),
+        ({"policy_rope_theta": -5.0}, "policy_rope_theta"),
+    ],
+)
+def test_conflicting_options(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        LongPOConfig(output_dir=str(tmp_path), report_to="none", **options)
+
+
+def test_dpo_config_is_refused(tokenizer, tiny_model, tmp_path):
+    with pytest.raises(TypeError, match="must be a `LongPOConfig`"):
+        LongPOTrainer(model=tiny_model, args=DPOConfig(output_dir=str(tmp_path), bf16=False),
+                      train_dataset=Dataset.from_list(make_rows(2)), processing_class=tokenizer)
