@@ -100,3 +100,31 @@ def save_tiny_model(path: str | os.PathLike, **model_kwargs) -> str:
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
+
+
+def toy_longpo_rows(num_rows: int = 32, passages_per_document: int = 4, passage_chars: int = 400, seed: int = 0):
+    """Small synthetic LongPO rows (conversational) built from the pydoc topics, for CPU demos and configs.
+
+    The long prompt holds several passages and a question about one of them; the short prompt holds only that
+    passage. The chosen answer quotes the right passage, the rejected one quotes a wrong passage — the typical
+    failure of a short-context model lost in a long input. Real data comes from `trl-longpo generate`.
+    """
+    import random
+
+    rng = random.Random(seed)
+    texts = [t.strip() for t in corpus_texts() if len(t.strip()) >= passage_chars]
+    rows = []
+    for _ in range(num_rows):
+        passages = [t[:passage_chars] for t in rng.sample(texts, passages_per_document)]
+        target = rng.randrange(passages_per_document)
+        wrong = (target + 1 + rng.randrange(passages_per_document - 1)) % passages_per_document
+        question = "Quote the first sentence of the passage that explains this topic: " + passages[target][:40]
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": "\n\n".join(passages) + "\n\n" + question}],
+                "short_prompt": [{"role": "user", "content": passages[target] + "\n\n" + question}],
+                "chosen": [{"role": "assistant", "content": passages[target].split("\n")[0][:200]}],
+                "rejected": [{"role": "assistant", "content": passages[wrong].split("\n")[0][:200]}],
+            }
+        )
+    return rows
