@@ -112,3 +112,38 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tokenizer, tiny_model,
     assert moved > 1e-4  # the runs really trained
     for name in full:
         torch.testing.assert_close(resumed[name], full[name], atol=1e-6, rtol=0, msg=name)
+
+
+def test_peft_reference_is_the_base_model_on_the_short_prompt(tokenizer, tiny_model, tmp_path):
+    from peft import LoraConfig
+
+    rows = make_rows(3)
+    full = LongPOTrainer(model=clone(tiny_model), args=longpo_args(tmp_path), train_dataset=Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    lora = LongPOTrainer(
+        model=clone(tiny_model), args=longpo_args(tmp_path, learning_rate=1e-2, max_steps=2),
+        train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    )
+    assert lora.ref_model is None  # the reference is the base model with the adapter disabled
+    batch = full.data_collator([full.train_dataset[i] for i in range(3)])
+    expected = full._reference_logps(full.ref_model, batch)
+    lora.train()  # the adapter moves away from zero
+    got = lora._reference_logps(lora.model, batch)
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    with torch.no_grad():  # negative control: with the adapter enabled the same inputs score differently
+        adapted = lora.model(input_ids=batch["ref_input_ids"]).logits
+        base = full.ref_model(input_ids=batch["ref_input_ids"]).logits
+    assert (adapted - base).abs().max() > 1e-4
+
+
+def test_evaluate_reports_longpo_metrics(tokenizer, tiny_model, tmp_path):
+    rows = make_rows(4)
+    trainer = LongPOTrainer(
+        model=tiny_model, args=longpo_args(tmp_path, eval_strategy="no", per_device_eval_batch_size=2),
+        train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows[:2]), processing_class=tokenizer,
+    )
+    metrics = trainer.evaluate()
+    for key in ("eval_loss", "eval_longpo_loss", "eval_nll_loss", "eval_logps/ref_chosen", "eval_rewards/margins"):
+        assert key in metrics, metrics
