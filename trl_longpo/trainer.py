@@ -109,6 +109,9 @@ class LongPOTrainer(DPOTrainer):
                 f"`args` must be a `LongPOConfig`, got {type(args).__name__}. LongPOConfig accepts every DPOConfig field."
             )
         self._reference_rope = None  # set below with `policy_rope_theta`; read by the precompute pass in super()
+        self._sp = None  # SequenceParallelContext, set after super().__init__ (the precompute pass runs unsplit)
+        if args.use_liger_kernel:
+            _check_liger_available()
         if not isinstance(model, str):
             check_causal_lm(model)
             if (
@@ -160,6 +163,71 @@ class LongPOTrainer(DPOTrainer):
             # Through a PEFT policy with adapters disabled, the reference pass must see the original frequencies
             self._reference_rope = saved if self.ref_model is None else None
             logger.info(f"Policy RoPE theta set to {args.policy_rope_theta:g}; the reference keeps its original θ.")
+
+        if args.sequence_parallel_size > 1:
+            self._setup_sequence_parallel(args)
+
+    def _setup_sequence_parallel(self, args: LongPOConfig) -> None:
+        """Build the dp × sp mesh and switch the policy (and a ring reference) to ring attention."""
+        import torch.distributed as dist
+
+        from .sequence_parallel import (
+            SequenceParallelContext,
+            check_sp_size,
+            init_sequence_parallel_mesh,
+            prepare_model_for_sequence_parallel,
+        )
+
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        check_sp_size(world_size, args.sequence_parallel_size)  # clear error for world % sp != 0 (incl. world 1)
+        if isinstance(self.train_dataset, IterableDataset):
+            raise ValueError(
+                "Sequence parallelism needs a map-style `Dataset`: every rank of an SP group must read the same rows, "
+                "which an `IterableDataset` split by accelerate does not guarantee."
+            )
+        if self.aux_loss_enabled:
+            raise ValueError("The MoE router auxiliary loss is not supported with sequence parallelism yet.")
+        if args.sequence_parallel_reference == "local" and not self.precompute_ref_logps and self.ref_model is None:
+            raise ValueError(
+                "`sequence_parallel_reference='local'` scores the short inputs with a separate reference model, but "
+                "the reference here is the policy itself (PEFT with disabled adapters). Use 'ring', pass `ref_model`, "
+                "or set `precompute_ref_log_probs=True`."
+            )
+        mesh = init_sequence_parallel_mesh(args.sequence_parallel_size, device_type=self.accelerator.device.type)
+        self._sp = SequenceParallelContext(
+            mesh,
+            ring_attn_impl=args.ring_attn_impl,
+            heads_k_stride=args.ring_heads_k_stride,
+            allow_sliding_window=args.ring_ignore_sliding_window,
+        )
+        prepare_model_for_sequence_parallel(self.model, self._sp)
+        if self.ref_model is not None and args.sequence_parallel_reference == "ring":
+            prepare_model_for_sequence_parallel(self.ref_model, self._sp)
+        logger.info(
+            f"Sequence parallelism: {mesh.dp_size} data-parallel group(s) × {mesh.sp_size} ranks, ring "
+            f"'{args.ring_attn_impl}', reference '{args.sequence_parallel_reference}'."
+        )
+
+    def get_total_train_batch_size(self, args) -> int:
+        # An SP group reads one batch: the effective batch counts dp groups, not ranks. (Trainer's own `get_sp_size`
+        # is for accelerate's SP dataloader adapter, which we do not use: our dataloader is already dp-sharded.)
+        dp_size = self._sp.mesh.dp_size if self._sp is not None else args.world_size
+        return self._train_batch_size * args.gradient_accumulation_steps * dp_size // self.get_tp_size()
+
+    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):
+        dataloader = super()._get_dataloader(
+            dataset, description, batch_size, sampler_fn=sampler_fn, is_training=is_training,
+            dataloader_key=dataloader_key,
+        )
+        if self._sp is not None:
+            # accelerate shards batches over all ranks; under SP, ranks of one SP group must get the same batch, so
+            # shard over the dp axis only. `_compute_loss` verifies it with a checksum on every step.
+            sharder = getattr(dataloader, "batch_sampler", None)
+            if sharder is None or not hasattr(sharder, "process_index"):
+                raise ValueError(f"Cannot shard the {description} dataloader by data-parallel rank for SP.")
+            sharder.num_processes = self._sp.mesh.dp_size
+            sharder.process_index = self._sp.mesh.dp_rank
+        return dataloader
 
     # ----------------------------------------------------------------------------------------------- data
     def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
@@ -228,15 +296,47 @@ class LongPOTrainer(DPOTrainer):
             self._signature_columns = [*TOKENIZED_COLUMNS, "ref_chosen_logps", "ref_rejected_logps"]
 
     # -------------------------------------------------------------------------------------------- scoring
+    def _row_sums(
+        self, model, input_ids, attention_mask, masks: list[torch.Tensor], fields: tuple[str, ...], split: bool,
+        **model_kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Per-row sums of per-token values (log-probs, entropy, top-1) over several token masks, from one forward.
+
+        `masks[0]` decides which tokens are scored and covers the others. Returns `sums` (fields, masks, rows) and
+        `counts` (masks, rows), and the MoE auxiliary loss when `output_router_logits` is passed. With `split`, the rows are split over the SP group with ring attention and the sums
+        are reduced across it (autograd-correct); otherwise one ordinary forward through TRL's fused LM head.
+        """
+        label_sets = [input_ids.masked_fill(~m.bool(), -100) for m in masks]
+        if split:
+            from .sequence_parallel import sp_fused_row_sums
+
+            sums, counts = sp_fused_row_sums(
+                model, input_ids, label_sets, attention_mask, context=self._sp,
+                pad_token_id=self._tokenizer.pad_token_id, fields=fields, **model_kwargs,
+            )
+            return sums, counts, None
+        outputs = model(
+            input_ids=input_ids, attention_mask=attention_mask, labels=label_sets[0], fused_lm_head=True,
+            use_cache=False, **model_kwargs,
+        )
+        seq_len = input_ids.size(1) - 1
+        shifted = [m[:, 1:] for m in masks]
+        sums = []
+        for name in fields:
+            values = getattr(outputs, name)[:, -seq_len:]  # prompt-learning PEFT prepends virtual tokens
+            values = values if name == "log_probs" else values.detach().float()
+            sums.append(torch.stack([(values * m).sum(dim=1) for m in shifted]))
+        counts = torch.stack([m.sum(dim=1) for m in shifted])
+        return torch.stack(sums), counts, getattr(outputs, "aux_loss", None)
+
     def _reference_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs of each row's answers on its SHORT prompt(s), summed over turns."""
-        ref_ids, ref_completion = inputs["ref_input_ids"], inputs["ref_completion_mask"]
-        labels = ref_ids.masked_fill(ref_completion == 0, -100)
         context = contextlib.nullcontext()
         if self.ref_model is None and _is_peft_model(self.model):
             # Same as DPOTrainer: a new adapter is disabled, an existing one was copied to the "ref" adapter
             unwrapped = self.accelerator.unwrap_model(self.model)
             context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+        split = self._sp is not None and self.args.sequence_parallel_reference == "ring"
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
@@ -244,17 +344,12 @@ class LongPOTrainer(DPOTrainer):
             rope_frequencies(self._reference_rope if model is self.model else None),
             self.accelerator.autocast(),
         ):
-            outputs = model(
-                input_ids=ref_ids,
-                attention_mask=inputs["ref_attention_mask"],
-                labels=labels,
-                fused_lm_head=True,
-                use_cache=False,
+            sums, _, _ = self._row_sums(
+                model, inputs["ref_input_ids"], inputs["ref_attention_mask"], [inputs["ref_completion_mask"]],
+                ("log_probs",), split,
             )
-        shift_completion = ref_completion[:, 1:]
-        per_sequence = (outputs.log_probs[:, -shift_completion.size(1) :] * shift_completion).sum(dim=1)
-        rows = per_sequence.new_zeros(inputs["input_ids"].size(0))
-        rows.index_add_(0, inputs["ref_row_index"], per_sequence)
+        rows = sums.new_zeros(inputs["input_ids"].size(0))
+        rows.index_add_(0, inputs["ref_row_index"], sums[0, 0])
         return rows.chunk(2, dim=0)
 
     def compute_ref_log_probs(self, model, inputs):
@@ -265,24 +360,23 @@ class LongPOTrainer(DPOTrainer):
         mode = "train" if self.model.training else "eval"
         args = self.args
         input_ids, attention_mask = inputs["input_ids"], inputs["attention_mask"]
-        completion_mask = inputs["completion_mask"]
+        completion_mask = inputs["completion_mask"].bool()
         batch_size = input_ids.size(0) // 2
 
-        # Score the answers of both halves; for the sequence-scope NLL also every token of the chosen long sequence
-        scored = completion_mask.bool()
+        # Token sets scored in the one policy forward: the answers of both halves (preference term) and, for the
+        # sequence-scope NLL, every token of the chosen long sequences.
         use_nll = args.nll_weight > 0
+        nll_mask = completion_mask.clone()
+        nll_mask[batch_size:] = False
         if use_nll and args.nll_scope == "sequence":
-            scored = scored.clone()
-            scored[:batch_size] = attention_mask[:batch_size].bool()
-        labels = input_ids.masked_fill(~scored, -100)
-        model_kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False}
-        if self.aux_loss_enabled:
-            model_kwargs["output_router_logits"] = True
-        outputs = model(**model_kwargs, labels=labels, fused_lm_head=True)
-
-        shift_completion = completion_mask[:, 1:]
-        per_token_logps = outputs.log_probs[:, -shift_completion.size(1) :]
-        chosen_logps, rejected_logps = (per_token_logps * shift_completion).sum(dim=1).chunk(2, dim=0)
+            nll_mask[:batch_size] = attention_mask[:batch_size].bool()
+        scored = completion_mask | nll_mask
+        fields = ("log_probs", "entropy", "is_top1")
+        extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        sums, counts, aux_loss = self._row_sums(
+            model, input_ids, attention_mask, [scored, completion_mask, nll_mask], fields, self._sp is not None, **extra
+        )
+        chosen_logps, rejected_logps = sums[0, 1].chunk(2, dim=0)
 
         if self.precompute_ref_logps:
             ref_chosen_logps, ref_rejected_logps = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
@@ -294,32 +388,45 @@ class LongPOTrainer(DPOTrainer):
 
         chosen_logratios = chosen_logps - ref_chosen_logps
         rejected_logratios = rejected_logps - ref_rejected_logps
-        longpo_losses = -F.logsigmoid(self.beta * (chosen_logratios - rejected_logratios))
-        longpo_loss = longpo_losses.mean()
+        longpo_loss = (-F.logsigmoid(self.beta * (chosen_logratios - rejected_logratios))).mean()
         loss = args.dpo_weight * longpo_loss
-        nll_mask = scored[:batch_size, 1:]
         nll_loss = None
-        if use_nll:
-            nll_loss = -(per_token_logps[:batch_size] * nll_mask).sum() / nll_mask.sum().clamp(min=1)
+        if use_nll:  # token mean over the batch, like TRL's "sft" term
+            nll_loss = -sums[0, 2].sum() / counts[2].sum().clamp(min=1)
             loss = loss + args.nll_weight * nll_loss
-        if self.aux_loss_enabled:
-            loss = loss + self.router_aux_loss_coef * outputs.aux_loss
+        if aux_loss is not None:
+            loss = loss + self.router_aux_loss_coef * aux_loss
+            self._metrics[mode]["aux_loss"].append(self._gather(aux_loss.detach()).mean().item())
 
         self._log_metrics(
-            mode, inputs, outputs, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-            longpo_loss, nll_loss, shift_completion,
+            mode, inputs, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, longpo_loss, nll_loss,
+            answer_entropy=sums[1, 1, :batch_size].sum(), answer_top1=sums[2, 1, :batch_size].sum(),
+            answer_tokens=counts[1, :batch_size].sum(),
         )
         if return_outputs:
             # The fused LM head builds no logits; `compute_metrics` users get them from a plain forward
             with torch.no_grad():
                 outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return (loss, outputs) if return_outputs else loss
+            return loss, outputs
+        return loss
+
+    def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Gather a metric across data-parallel ranks. Under SP the ranks of an SP group hold the same values, so only
+        the dp axis is gathered (a world gather would count every row and token `sp` times)."""
+        if self._sp is None:
+            return self.accelerator.gather_for_metrics(tensor)
+        import torch.distributed as dist
+
+        tensor = tensor.detach().reshape(-1) if tensor.dim() else tensor.detach().reshape(1)
+        parts = [torch.empty_like(tensor) for _ in range(self._sp.mesh.dp_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self._sp.mesh.dp_group)
+        return torch.cat(parts)
 
     def _log_metrics(
-        self, mode, inputs, outputs, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-        longpo_loss, nll_loss, shift_completion,
+        self, mode, inputs, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, longpo_loss, nll_loss,
+        answer_entropy, answer_top1, answer_tokens,
     ) -> None:
-        gather = self.accelerator.gather_for_metrics
+        gather = self._gather
         metrics = self._metrics[mode]
         chosen_rewards = self.beta * (chosen_logps - ref_chosen_logps).detach()
         rejected_rewards = self.beta * (rejected_logps - ref_rejected_logps).detach()
@@ -334,23 +441,26 @@ class LongPOTrainer(DPOTrainer):
         metrics["longpo_loss"].append(gather(longpo_loss.detach()).mean().item())
         if nll_loss is not None:
             metrics["nll_loss"].append(gather(nll_loss.detach()).mean().item())
-        if self.aux_loss_enabled:
-            metrics["aux_loss"].append(gather(outputs.aux_loss.detach()).mean().item())
-
-        # Answer-token entropy and top-1 accuracy of the chosen answers, token-weighted across ranks
-        chosen_mask = shift_completion.chunk(2, dim=0)[0].bool()
-        tokens = gather(chosen_mask.sum()).sum()
-        if outputs.entropy is not None:
-            entropy = outputs.entropy[:, -shift_completion.size(1) :].chunk(2, dim=0)[0]
-            total = gather((entropy.detach() * chosen_mask).sum()).sum()
-            metrics["entropy"].append((total / tokens).item() if tokens > 0 else 0.0)
-        if outputs.is_top1 is not None:
-            top1 = outputs.is_top1[:, -shift_completion.size(1) :].chunk(2, dim=0)[0]
-            correct = gather((top1 & chosen_mask).sum()).sum()
-            metrics["mean_token_accuracy"].append((correct / tokens).item() if tokens > 0 else 0.0)
+        # Entropy and top-1 accuracy over the chosen answer tokens, token-weighted across ranks
+        tokens = gather(answer_tokens).sum()
+        metrics["entropy"].append((gather(answer_entropy).sum() / tokens).item() if tokens > 0 else 0.0)
+        metrics["mean_token_accuracy"].append((gather(answer_top1).sum() / tokens).item() if tokens > 0 else 0.0)
         if mode == "train":
             self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
             metrics["num_tokens"] = [self._total_train_tokens]
+
+
+def _check_liger_available() -> None:
+    """Liger's kernels are Triton GPU kernels: refuse them clearly where they cannot run."""
+    import importlib.util
+
+    if not torch.cuda.is_available():
+        raise ValueError(
+            "`use_liger_kernel=True` needs a CUDA GPU: Liger's kernels are Triton GPU kernels. On CPU leave it False "
+            "(LongPO already computes log-probs with TRL's fused, chunked LM head)."
+        )
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise ImportError("`use_liger_kernel=True` needs the liger-kernel package: pip install 'trl-longpo[gpu]'.")
 
 
 def _over_length_message(dataset_name: str, rows: list, total: int, max_length: int) -> str:

@@ -1,0 +1,146 @@
+"""Pack a batch of rows into one padding-free sequence and cut this rank's shard in the ring layout.
+
+Why pack: ring attention's varlen kernels take one flat sequence of causal segments (cu_seqlens). Packing the
+batch's rows back to back drops the pad tokens of a padded batch (no compute spent on them) and lets one plan describe
+the whole batch; each input row becomes one segment.
+
+What is guaranteed, and why it matters for parity with the unsplit model:
+  - labels are shifted on each FULL row before sharding (token t predicts label t+1): a shard boundary never loses or
+    duplicates a target, so per-rank partial sums add up to the unsplit row sums;
+  - position_ids are the TRUE positions in the row (what the unsplit model would use for RoPE), carried into the
+    shard; positions local to the shard would silently change every rotary embedding;
+  - padding added for divisibility gets label -100 and row index -1, and sits at the END of a segment, so causal
+    attention never lets a real token see it: it changes neither loss nor metrics nor any real token's activations.
+Layouts (W = sp size):
+  - zigzag: every segment is padded to a multiple of 2W and cut in 2W equal chunks; rank r holds chunks r and
+    2W-1-r of every segment (balances causal work; required by zigzag_ring_flash_attn_varlen).
+  - llama3: the packed row is padded at its end to a multiple of 2W (W would do; 2W keeps one rule for both) and cut
+    in W contiguous pieces; the padding is its own trailing segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trl_longpo.attention.ring import RingPlan, check_ring_attn_impl, make_varlen_plan
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class PackedShard:
+    """This rank's share of a packed batch: model inputs (batch dimension 1), shifted labels and bookkeeping."""
+
+    input_ids: torch.Tensor  # (1, T_local)
+    position_ids: torch.Tensor  # (1, T_local), true positions within each row
+    labels: torch.Tensor  # (1, T_local), ALREADY shifted: labels[t] is the target predicted at token t; -100 = none
+    row_index: torch.Tensor  # (T_local,), input row of each token, -1 for padding
+    num_rows: int
+    global_cu_seqlens: torch.Tensor  # boundaries of the packed, padded (unsharded) segments
+    plan: RingPlan  # kernel arguments for ring attention on this rank
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _real_span(mask_row: torch.Tensor) -> tuple[int, int]:
+    idx = torch.nonzero(mask_row, as_tuple=False).flatten()
+    if idx.numel() == 0:
+        return 0, 0
+    start, stop = int(idx[0]), int(idx[-1]) + 1
+    if stop - start != idx.numel():
+        raise ValueError("attention_mask must mark one contiguous block of tokens per row (left or right padding)")
+    return start, stop
+
+
+def shard_local_indices(segment_lengths: list[int], sp_rank: int, sp_size: int, impl: str) -> torch.Tensor:
+    """Indices into the packed, padded sequence held by `sp_rank` (segment lengths already padded for `impl`)."""
+    check_ring_attn_impl(impl)
+    if impl == "llama3":
+        total = sum(segment_lengths)
+        per_rank = total // sp_size
+        return torch.arange(sp_rank * per_rank, (sp_rank + 1) * per_rank)
+    pieces, start = [], 0
+    for length in segment_lengths:
+        chunk = length // (2 * sp_size)
+        for c in (sp_rank, 2 * sp_size - 1 - sp_rank):
+            pieces.append(torch.arange(start + c * chunk, start + (c + 1) * chunk))
+        start += length
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+
+
+def shard_rows(
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    position_ids: torch.Tensor | None = None,
+    *,
+    sp_rank: int,
+    sp_size: int,
+    impl: str,
+    pad_token_id: int = 0,
+    max_length: int | None = None,
+) -> PackedShard:
+    """Pack `input_ids` (B, L) rows into one sequence, pad it for `impl`, and return `sp_rank`'s shard.
+
+    `labels` (B, L) use the Hugging Face convention: aligned with `input_ids` (NOT shifted), -100 where no loss is
+    taken (prompt, padding). `attention_mask` (B, L) marks each row's real tokens (one contiguous block; left or right
+    padding). `position_ids` (B, L) default to 0..n-1 over each row's real tokens. `max_length` bounds the padded
+    packed length (a clear error instead of an out-of-memory deep inside the ring).
+    """
+    check_ring_attn_impl(impl)
+    if input_ids.dim() != 2 or labels.shape != input_ids.shape:
+        raise ValueError(
+            f"input_ids and labels must both be (batch, length); got {tuple(input_ids.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    num_rows = input_ids.shape[0]
+    device = input_ids.device
+    ids, tgts, pos, rows, lengths = [], [], [], [], []
+    pad_unit = 2 * sp_size
+    for b in range(num_rows):
+        start, stop = _real_span(attention_mask[b]) if attention_mask is not None else (0, input_ids.shape[1])
+        n = stop - start
+        if n == 0:
+            continue
+        row_ids = input_ids[b, start:stop]
+        shifted = torch.full_like(labels[b, start:stop], IGNORE_INDEX)
+        shifted[:-1] = labels[b, start + 1 : stop]
+        row_pos = position_ids[b, start:stop] if position_ids is not None else torch.arange(n, device=device)
+        pad = _round_up(n, pad_unit) - n if impl == "zigzag" else 0
+        ids.append(torch.cat([row_ids, row_ids.new_full((pad,), pad_token_id)]))
+        tgts.append(torch.cat([shifted, shifted.new_full((pad,), IGNORE_INDEX)]))
+        # Padding continues the row's positions (any value works: nothing real attends to it).
+        pos.append(torch.cat([row_pos, row_pos[-1] + 1 + torch.arange(pad, device=device, dtype=row_pos.dtype)]))
+        rows.append(torch.full((n + pad,), b, dtype=torch.long, device=device))
+        rows[-1][n:] = -1
+        lengths.append(n + pad)
+    total = sum(lengths)
+    tail = _round_up(max(total, 1), pad_unit) - total  # llama3: trailing padding segment (zigzag: already aligned)
+    if tail:
+        ids.append(input_ids.new_full((tail,), pad_token_id))
+        tgts.append(labels.new_full((tail,), IGNORE_INDEX))
+        pos.append(torch.arange(tail, device=device, dtype=pos[0].dtype if pos else torch.long))
+        rows.append(torch.full((tail,), -1, dtype=torch.long, device=device))
+        lengths.append(tail)
+        total += tail
+    if max_length is not None and total > max_length:
+        raise ValueError(
+            f"packed batch has {total} tokens (after padding to multiples of 2*sp={pad_unit}), more than the "
+            f"configured maximum {max_length}"
+        )
+    global_cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    local = shard_local_indices(lengths, sp_rank, sp_size, impl).to(device)
+    packed_pos = torch.cat(pos)
+    return PackedShard(
+        input_ids=torch.cat(ids)[local].unsqueeze(0),
+        position_ids=packed_pos[local].unsqueeze(0),
+        labels=torch.cat(tgts)[local].unsqueeze(0),
+        row_index=torch.cat(rows)[local],
+        num_rows=num_rows,
+        global_cu_seqlens=global_cu,
+        plan=make_varlen_plan(impl, global_cu.to(device), sp_rank, sp_size),
+    )
