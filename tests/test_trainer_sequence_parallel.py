@@ -86,9 +86,9 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, sp_size: int, to
             mine = range(dp_rank * ROWS_PER_GROUP, (dp_rank + 1) * ROWS_PER_GROUP)
             batch = trainer.data_collator([trainer.train_dataset[i] for i in mine])
             loss, metrics, grads = _step(trainer, batch)
-            for name in sorted(grads):  # what DDP does: average over all dp × sp ranks
-                dist.all_reduce(grads[name])
-                grads[name] /= world_size
+            for param in sorted(grads):  # what DDP does: average over all dp × sp ranks
+                dist.all_reduce(grads[param])
+                grads[param] /= world_size
             torch.save(grads, Path(outdir) / f"grads_{name}_rank{rank}.pt")
 
             # Dataloader: the same batch on an SP group, different batches across dp groups; batch size counted once
