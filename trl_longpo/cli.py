@@ -1,0 +1,101 @@
+"""`trl-longpo` console script.
+
+    trl-longpo generate --model M --documents DOCS --output OUT [--backend hf|vllm] [...]   build a LongPO dataset
+    trl-longpo demo [--output DIR]                       tiny model -> data -> LongPOTrainer, offline on a CPU
+    trl-longpo merge OUT                                 join the shards of a --world_size run into OUT/dataset
+    trl-longpo tiny-model DIR                            save the tiny offline model and tokenizer to DIR
+
+Every `generate` option is a field of `trl_longpo.data.GenerationConfig` (see `trl-longpo generate --help`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+COMMANDS = {
+    "generate": "Generate a LongPO preference dataset from long documents (resumable).",
+    "demo": "Offline end-to-end demo: tiny model -> generated data -> LongPOTrainer (a few CPU minutes).",
+    "merge": "Merge the per-rank shards of a multi-process `generate` run.",
+    "tiny-model": "Save the tiny offline model and tokenizer to a directory.",
+}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except long built-in lists (phrase lists, templates) that would flood the help."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        default = action.default
+        if (isinstance(default, list) and len(default) > 3) or (isinstance(default, str) and len(default) > 60):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _parser(dataclass_type, prog: str, description: str):
+    from transformers import HfArgumentParser
+
+    return HfArgumentParser(dataclass_type, prog=prog, description=description, formatter_class=_HelpFormatter)
+
+
+def _generate(argv: list[str]) -> int:
+    from trl_longpo.data import GenerationConfig, generate_dataset
+
+    (config,) = _parser(GenerationConfig, "trl-longpo generate", COMMANDS["generate"]).parse_args_into_dataclasses(
+        argv
+    )
+    config.joiner = config.joiner.replace("\\n", "\n").replace("\\t", "\t")  # let the shell pass "\n\n"
+    missing = [name for name in ("model", "documents", "output") if not getattr(config, name)]
+    if missing:
+        print(f"trl-longpo generate: missing {', '.join('--' + m for m in missing)}", file=sys.stderr)
+        return 2
+    result = generate_dataset(config)
+    return 0 if len(result.dataset) else 1
+
+
+def _demo(argv: list[str]) -> int:
+    from trl_longpo.data.demo import DemoConfig, run_demo
+
+    (demo,) = _parser(DemoConfig, "trl-longpo demo", COMMANDS["demo"]).parse_args_into_dataclasses(argv)
+    summary = run_demo(demo)
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+def _merge(argv: list[str]) -> int:
+    from trl_longpo.data import merge_shards
+
+    parser = argparse.ArgumentParser(prog="trl-longpo merge", description=COMMANDS["merge"])
+    parser.add_argument("output", help="The --output directory of the sharded run.")
+    merged = merge_shards(parser.parse_args(argv).output)
+    print(f"{len(merged)} rows")
+    return 0
+
+
+def _tiny_model(argv: list[str]) -> int:
+    from trl_longpo.tiny import save_tiny_model
+
+    parser = argparse.ArgumentParser(prog="trl-longpo tiny-model", description=COMMANDS["tiny-model"])
+    parser.add_argument("directory")
+    print(save_tiny_model(parser.parse_args(argv).directory))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    handlers = {"generate": _generate, "demo": _demo, "merge": _merge, "tiny-model": _tiny_model}
+    if not argv or argv[0] in {"-h", "--help"} or argv[0] not in handlers:
+        lines = [f"  {name:<11} {text}" for name, text in COMMANDS.items()]
+        print("usage: trl-longpo {" + ",".join(COMMANDS) + "} [options]\n\ncommands:\n" + "\n".join(lines))
+        return 0 if argv and argv[0] in {"-h", "--help"} else 2
+    from trl_longpo.data import DataConfigError, DocumentsError, SettingsMismatchError
+
+    try:
+        return handlers[argv[0]](argv[1:])
+    except (DataConfigError, DocumentsError, SettingsMismatchError) as exc:
+        print(f"trl-longpo {argv[0]}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,272 @@
+"""Settings of the data pipeline, as one dataclass shared by the library API and the CLI.
+
+Each field's `metadata["help"]` is the CLI help (`transformers.HfArgumentParser` reads it). The fields in
+`OPERATIONAL_FIELDS` change how the work is run (batching, devices, output formats) but not the rows produced, so they
+are left out of the settings hash that guards resuming: a run may be resumed with a different batch size or device.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .filters import DEFAULT_REFUSAL_PHRASES
+from .instructions import DEFAULT_FALLBACK_INSTRUCTIONS, DEFAULT_INSTRUCTION_TEMPLATE, DEFAULT_LEAD_IN_PHRASES
+
+
+class DataConfigError(ValueError):
+    """Settings that cannot work together; raised before any model is loaded."""
+
+
+def _op(help_text: str) -> dict[str, Any]:
+    return {"help": help_text + " [operational: may change when resuming]"}
+
+
+@dataclass
+class GenerationConfig:
+    """Everything `generate_dataset` needs; defaults follow the paper and the official LongPO code."""
+
+    # --- inputs and outputs ---
+    model: str = field(
+        default="",
+        metadata={
+            "help": "Model path or hub id: the short-context instruct model (or the previous round's LongPO model)."
+        },
+    )
+    documents: str = field(
+        default="",
+        metadata={
+            "help": "Documents: a .jsonl/.json/.parquet/.txt file, a directory of text files, a directory saved with "
+            "`datasets.save_to_disk`, `hf:NAME[:SPLIT]` (a hub dataset), or `builtin:pydoc` (CPython's help topics "
+            "grouped into long documents; no download)."
+        },
+    )
+    output: str = field(default="", metadata={"help": "Output directory (created; resumed when it holds a run)."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the document text."})
+    tokenizer: str | None = field(default=None, metadata={"help": "Tokenizer path or id (default: the model's)."})
+    backend: Literal["hf", "vllm"] = field(
+        default="hf", metadata={"help": "Generation engine: transformers `generate` (CPU/GPU) or vLLM (extra)."}
+    )
+    seed: int = field(default=42, metadata={"help": "Seed; every request gets its own seed derived from it."})
+
+    # --- documents ---
+    min_doc_tokens: int = field(default=0, metadata={"help": "Drop documents shorter than this (paper: 64K)."})
+    max_doc_tokens: int | None = field(
+        default=None, metadata={"help": "Drop documents longer than this (paper: the target context length)."}
+    )
+    max_documents: int | None = field(
+        default=None, metadata={"help": "Use at most this many documents (after the length filter)."}
+    )
+    pydoc_doc_chars: int = field(
+        default=12000,
+        metadata={"help": "builtin:pydoc only: help topics are joined into documents of ~this many chars."},
+    )
+
+    # --- context lengths ---
+    context_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Target long context: long prompts whose tokens plus max_new_tokens exceed it are filtered. "
+            "Default: the model's max_position_embeddings."
+        },
+    )
+    model_context_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "The model's native (short) context: chunks, instruction and short prompts must fit in it. "
+            "Default: the model's max_position_embeddings."
+        },
+    )
+    long_rope_theta: float | None = field(
+        default=None, metadata={"help": "RoPE base used for the long-prompt (rejected) pass only (paper: 1e7)."}
+    )
+
+    # --- chunking ---
+    chunk_tokens: int = field(
+        default=30000, metadata={"help": "Max tokens per short chunk (paper: up to 32K; official code 16K-30K)."}
+    )
+    min_chunk_tokens: int = field(
+        default=0, metadata={"help": "Chunks shorter than this are never used for a turn (official code: 16384)."}
+    )
+    turns_per_doc: int = field(
+        default=2, metadata={"help": "Chunks (turns) used per document (paper: up to 4; official code: 2)."}
+    )
+    chunk_selection: Literal["random", "first", "spread"] = field(
+        default="random",
+        metadata={
+            "help": "Which chunks become turns: random (seeded per document), the first ones, or evenly spread."
+        },
+    )
+
+    # --- instructions ---
+    instruction_source: Literal["model", "list"] = field(
+        default="model",
+        metadata={
+            "help": "Where instructions come from: `model` = self-instruct (the model writes questions about the "
+            "chunk, parsed from its list); `list` = drawn from --fallback_instructions without a model call."
+        },
+    )
+    instruction_template: str = field(
+        default=DEFAULT_INSTRUCTION_TEMPLATE,
+        metadata={"help": "Self-instruct prompt; `{chunk}` is replaced by the chunk and `{n}` by num_instructions."},
+    )
+    num_instructions: int = field(default=4, metadata={"help": "Questions requested per chunk."})
+    require_exact_count: bool = field(
+        default=False, metadata={"help": "Keep a chunk only if exactly num_instructions were parsed (official code)."}
+    )
+    instruction_pick: Literal["random", "first"] = field(
+        default="random", metadata={"help": "Which parsed question is used: a seeded random one or the first."}
+    )
+    on_parse_failure: Literal["drop", "fallback"] = field(
+        default="drop",
+        metadata={
+            "help": "When no question can be parsed: drop the turn, or use one of --fallback_instructions. Both "
+            "are counted in the stats."
+        },
+    )
+    fallback_instructions: list[str] = field(
+        default_factory=lambda: list(DEFAULT_FALLBACK_INSTRUCTIONS),
+        metadata={"help": "Generic instructions for instruction_source=list and on_parse_failure=fallback."},
+    )
+    use_lead_in: bool = field(
+        default=True, metadata={"help": "Prefix each question with a lead-in phrase (official code does)."}
+    )
+    lead_in_phrases: list[str] = field(
+        default_factory=lambda: list(DEFAULT_LEAD_IN_PHRASES),
+        metadata={"help": "Lead-in phrases, one drawn per turn (seeded)."},
+    )
+    instruction_max_new_tokens: int = field(default=1024, metadata={"help": "Token budget for the question list."})
+    instruction_temperature: float = field(default=0.7, metadata={"help": "Sampling temperature for questions."})
+    instruction_top_p: float = field(default=0.9, metadata={"help": "Top-p for questions."})
+
+    # --- answers ---
+    max_new_tokens: int = field(default=1024, metadata={"help": "Answer token budget (paper: 1024)."})
+    temperature: float = field(default=1.0, metadata={"help": "Answer sampling temperature (0 = greedy)."})
+    top_p: float = field(default=1.0, metadata={"help": "Answer top-p."})
+    top_k: int = field(default=0, metadata={"help": "Answer top-k (0 = off)."})
+    joiner: str = field(
+        default="\n\n", metadata={"help": "Text between the context (document/chunk) and instruction."}
+    )
+    instruction_position: Literal["after", "before"] = field(
+        default="after", metadata={"help": "Instruction after the context (paper) or before it."}
+    )
+    long_turn_context: Literal["conversation", "independent"] = field(
+        default="conversation",
+        metadata={
+            "help": "Long answer of turn i>1: `conversation` = generated with the long conversation so far (paper "
+            "Eq. 13); `independent` = from document + instruction i alone (what the official script does)."
+        },
+    )
+    group_turns: bool = field(
+        default=True, metadata={"help": "One multi-turn row per document; otherwise one single-turn row per turn."}
+    )
+    min_turns: int = field(default=1, metadata={"help": "Rows with fewer valid turns are dropped (counted)."})
+
+    # --- filters (each counted in the stats) ---
+    min_answer_words: int = field(
+        default=2, metadata={"help": "Answers with fewer words of >= 3 letters are `too_short` (official code: 2)."}
+    )
+    max_repetition_ratio: float = field(
+        default=0.95,
+        metadata={
+            "help": "Answers whose share of words that occur more than once exceeds this are `degenerate` "
+            "(official code: 0.9 chosen / 0.95 rejected; >= 1 disables)."
+        },
+    )
+    refusal_phrases: list[str] = field(
+        default_factory=lambda: list(DEFAULT_REFUSAL_PHRASES),
+        metadata={"help": "Case-insensitive phrases that mark an answer as a refusal."},
+    )
+    drop_truncated: bool = field(
+        default=True, metadata={"help": "Drop answers cut by max_new_tokens (finish_reason == 'length')."}
+    )
+    drop_identical: bool = field(default=True, metadata={"help": "Drop turns whose chosen equals rejected."})
+    max_short_prompt_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Short prompts above this are filtered (default: model_context_length - max_new_tokens)."},
+    )
+
+    # --- execution (not part of the settings hash) ---
+    batch_size: int = field(default=64, metadata=_op("Requests per checkpointed batch (a crash loses at most one)."))
+    generation_batch_size: int = field(
+        default=8, metadata=_op("hf backend: sequences per `generate` call (sorted by length to limit padding).")
+    )
+    device: str | None = field(
+        default=None, metadata=_op("hf backend: device (default: cuda if available, else cpu).")
+    )
+    dtype: str = field(default="auto", metadata=_op("Model dtype: auto, bfloat16, float16 or float32."))
+    tensor_parallel_size: int = field(default=1, metadata=_op("vllm backend: tensor parallel size."))
+    gpu_memory_utilization: float = field(default=0.9, metadata=_op("vllm backend: GPU memory fraction."))
+    max_model_len: int | None = field(
+        default=None,
+        metadata=_op("vllm backend: max_model_len of the long-prompt engine (default: context_length)."),
+    )
+    vllm_kwargs: str = field(default="{}", metadata=_op("vllm backend: extra `vllm.LLM` kwargs as a JSON object."))
+    rank: int = field(default=0, metadata=_op("This process's shard of the documents (0-based)."))
+    world_size: int = field(default=1, metadata=_op("Number of shards; shard r writes to OUTPUT/shards/rank-r-of-n."))
+    save_jsonl: bool = field(default=False, metadata=_op("Also write the rows as data.jsonl."))
+    save_parquet: bool = field(default=False, metadata=_op("Also write the rows as data.parquet."))
+    progress: bool = field(default=True, metadata=_op("Show progress bars."))
+    overwrite: bool = field(default=False, metadata=_op("Delete an existing run in the output directory first."))
+
+    def validate(self) -> None:
+        """Reject settings that cannot work, before anything expensive happens."""
+        problems = []
+        if self.chunk_tokens <= 0:
+            problems.append("chunk_tokens must be positive")
+        if self.turns_per_doc < 1:
+            problems.append("turns_per_doc must be >= 1")
+        if self.min_turns < 1 or self.min_turns > self.turns_per_doc:
+            problems.append("min_turns must lie in [1, turns_per_doc]")
+        if self.max_new_tokens < 1 or self.instruction_max_new_tokens < 1:
+            problems.append("max_new_tokens and instruction_max_new_tokens must be >= 1")
+        if self.batch_size < 1 or self.generation_batch_size < 1:
+            problems.append("batch_size and generation_batch_size must be >= 1")
+        if not 0 <= self.rank < self.world_size:
+            problems.append(f"rank must lie in [0, world_size); got rank={self.rank}, world_size={self.world_size}")
+        if self.long_turn_context == "conversation" and not self.group_turns and self.turns_per_doc > 1:
+            problems.append(
+                "long_turn_context=conversation needs group_turns (later long answers depend on earlier turns); "
+                "use long_turn_context=independent for one row per turn"
+            )
+        needs_list = self.instruction_source == "list" or self.on_parse_failure == "fallback"
+        if needs_list and not [s for s in self.fallback_instructions if s.strip()]:
+            problems.append("fallback_instructions is empty but instruction_source=list or on_parse_failure=fallback")
+        if self.use_lead_in and not self.lead_in_phrases:
+            problems.append("use_lead_in is set but lead_in_phrases is empty")
+        if "{chunk}" not in self.instruction_template:
+            problems.append("instruction_template must contain `{chunk}`")
+        try:
+            vllm_kwargs = json.loads(self.vllm_kwargs or "{}")
+        except ValueError:
+            vllm_kwargs = None
+        if not isinstance(vllm_kwargs, dict):
+            problems.append(f"vllm_kwargs must be a JSON object, got {self.vllm_kwargs!r}")
+        if problems:
+            raise DataConfigError("Invalid generation settings:\n  - " + "\n  - ".join(problems))
+
+    def hashed_settings(self) -> dict[str, Any]:
+        """The settings that determine the rows (everything not marked operational; `output` excluded)."""
+        return {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.name not in OPERATIONAL_FIELDS and f.name != "output"
+        }
+
+
+OPERATIONAL_FIELDS = frozenset(
+    f.name for f in dataclasses.fields(GenerationConfig) if f.metadata.get("help", "").endswith("resuming]")
+)
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 31-bit seed from the global seed and a request's identity, so results never depend on processing order."""
+    digest = hashlib.sha256("|".join([str(seed), *map(str, parts)]).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF

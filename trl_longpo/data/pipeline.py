@@ -1,0 +1,165 @@
+"""The self-evolution pipeline's entry point: documents + a short-context model -> LongPOTrainer rows + report.
+
+    documents -> chunks -> instructions -> short (chosen) and long (rejected) answers -> filters -> rows
+
+Stages that need the long-context engine run after all short-context stages, so a vLLM run with a RoPE override
+switches engines once. See `stages.py` for resuming and `rows.py` for the output format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import datasets
+
+from .backends import GenerationBackend, make_backend
+from .config import DataConfigError, GenerationConfig
+from .documents import load_documents_table
+from .rows import build_rows, write_outputs
+from .stages import LazyBackend, load_documents, make_turns, run_instructions, run_long_answers, run_short_answers
+from .stats import RunStats, summary_table, write_report
+from .store import lock_settings
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationResult:
+    dataset: datasets.Dataset
+    stats: dict[str, Any]
+    output_dir: Path
+    summary: str = field(default="", repr=False)
+
+
+def _fingerprint_model(model: str) -> str | None:
+    """Identify a local checkpoint by its config and weight-file sizes, so retraining in place is noticed."""
+    path = Path(model) if model else None
+    if path is None or not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for f in sorted(path.iterdir()):
+        if f.name == "config.json":
+            digest.update(f.read_bytes())
+        elif f.suffix in {".safetensors", ".bin"}:
+            digest.update(f"{f.name}:{f.stat().st_size}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _load_tokenizer(name: str):
+    from transformers import AutoTokenizer
+
+    if not name:
+        raise DataConfigError("No model given (--model).")
+    try:
+        return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as exc:
+        raise DataConfigError(f"Cannot load a tokenizer from {name!r}: {exc}") from exc
+
+
+def _check_tokenizer(tokenizer, name: str) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataConfigError(
+            f"The tokenizer of {name!r} has no chat template. LongPO rows are conversations rendered with the chat "
+            "template (as LongPOTrainer renders them); use an instruct model's tokenizer (--tokenizer) or set "
+            "`tokenizer.chat_template`."
+        )
+
+
+def _native_context(config: GenerationConfig, backend: GenerationBackend | None) -> int | None:
+    if config.model_context_length:
+        return config.model_context_length
+    if backend is not None:
+        return backend.context_length
+    if not config.model:
+        return None
+    from transformers import AutoConfig
+
+    from .backends import _model_max_positions
+
+    try:
+        return _model_max_positions(AutoConfig.from_pretrained(config.model))
+    except (OSError, ValueError) as exc:
+        raise DataConfigError(f"Cannot load the model config of {config.model!r}: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------------------- entry
+def generate_dataset(
+    config: GenerationConfig,
+    *,
+    documents: str | list[str] | datasets.Dataset | None = None,
+    backend: GenerationBackend | None = None,
+    tokenizer: Any = None,
+) -> GenerationResult:
+    """Build (or resume building) a LongPO dataset in `config.output`; see the module docstring.
+
+    `documents`, `backend` and `tokenizer` override `config.documents`, the engine named by `config.backend` and the
+    tokenizer loaded from `config.tokenizer or config.model` (useful in notebooks and tests).
+    """
+    config.validate()
+    if not config.output:
+        raise DataConfigError("No output directory given (--output).")
+    out = Path(config.output)
+    if config.world_size > 1:
+        out = out / "shards" / f"rank-{config.rank:05d}-of-{config.world_size:05d}"
+    if config.overwrite and out.exists():
+        shutil.rmtree(out)
+    source = documents if documents is not None else config.documents
+    table, column = load_documents_table(source, config.text_column, config.pydoc_doc_chars)  # fail fast on inputs
+    if tokenizer is None:
+        tokenizer = _load_tokenizer(config.tokenizer or config.model)
+    _check_tokenizer(tokenizer, config.tokenizer or config.model)
+    native_ctx = _native_context(config, backend)
+    if native_ctx is not None and config.chunk_tokens > native_ctx:
+        raise DataConfigError(
+            f"chunk_tokens={config.chunk_tokens} is larger than the model's context ({native_ctx} tokens): the short "
+            "prompts would not fit. Lower --chunk_tokens (leave room for the instruction and max_new_tokens), or set "
+            "--model_context_length if the config understates it."
+        )
+    long_ctx = config.context_length or native_ctx
+
+    stats = RunStats()
+    docs = load_documents(config, table, column, tokenizer, stats)
+    settings = {
+        **config.hashed_settings(),
+        "documents_fingerprint": hashlib.sha256("\n".join(d.id for d in docs).encode()).hexdigest()[:16],
+        "model_fingerprint": _fingerprint_model(config.model),
+        "chat_template_sha": hashlib.sha256(tokenizer.chat_template.encode()).hexdigest()[:16],
+        "rank": config.rank,
+        "world_size": config.world_size,
+    }
+    digest = lock_settings(out, settings)
+    work_dir = out / "work"
+    engine = LazyBackend(lambda: make_backend(config, tokenizer), backend)
+    try:
+        per_doc = make_turns(docs, config, tokenizer, stats)
+        run_instructions(per_doc, config, tokenizer, engine, work_dir, native_ctx, stats)
+        run_short_answers(per_doc, config, tokenizer, engine, work_dir, native_ctx, stats)
+        run_long_answers(per_doc, config, tokenizer, engine, work_dir, long_ctx, stats)
+    finally:
+        engine.close()
+    rows = build_rows(per_doc, config, stats)
+    dataset = write_outputs(out, rows, config)
+    report = {
+        "run": {
+            "output": str(out),
+            "settings_hash": digest,
+            "model": config.model,
+            "backend": config.backend,
+            "native_context": native_ctx,
+            "long_context": long_ctx,
+            "rows": len(rows),
+        },
+        **stats.to_dict(),
+    }
+    write_report(out, report)
+    summary = summary_table(report)
+    if config.progress:
+        print(f"\n{summary}\n\n{len(rows)} rows -> {out / 'dataset'} (report: {out / 'stats.md'})")
+    if not rows:
+        logger.warning("No rows survived generation and filtering; see %s for the counts.", out / "stats.md")
+    return GenerationResult(dataset, report, out, summary)
