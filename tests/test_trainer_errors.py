@@ -111,3 +111,60 @@ def test_dpo_config_is_refused(tokenizer, tiny_model, tmp_path):
     with pytest.raises(TypeError, match="must be a `LongPOConfig`"):
         LongPOTrainer(model=tiny_model, args=DPOConfig(output_dir=str(tmp_path), bf16=False),
                       train_dataset=Dataset.from_list(make_rows(2)), processing_class=tokenizer)
+
+
+# ----------------------------------------------------------------------------- sequence parallelism and kernels
+def test_sequence_parallel_needs_a_world_divisible_by_sp(tokenizer, tiny_model, tmp_path):
+    with pytest.raises(ValueError, match=r"world size 1 is not divisible by sequence_parallel_size 2"):
+        _trainer(tokenizer, tiny_model, make_rows(2), tmp_path, sequence_parallel_size=2)
+
+
+def test_sliding_window_model_is_refused_under_ring_attention(tokenizer, tmp_path, monkeypatch):
+    from trl_longpo.attention import ring
+    from trl_longpo.tiny import build_tiny_model
+
+    monkeypatch.setattr(ring, "_warned_sliding_window", False)  # the warning is once per process
+
+    windowed = build_tiny_model(sliding_window=4096)
+    with pytest.raises(ValueError, match=r"sliding_window=4096.*ring_ignore_sliding_window=True"):
+        _trainer(tokenizer, windowed, make_rows(2), tmp_path, sequence_parallel_size=2)
+    # The explicit override passes the model check (and then stops at the world size, as this test is not distributed)
+    with pytest.warns(UserWarning, match="ignores the model's sliding window"):
+        with pytest.raises(ValueError, match="world size 1"):
+            _trainer(tokenizer, build_tiny_model(sliding_window=4096), make_rows(2), tmp_path,
+                     sequence_parallel_size=2, ring_ignore_sliding_window=True)
+
+
+def test_heads_stride_must_divide_kv_heads(tokenizer, tiny_model, tmp_path):
+    with pytest.raises(ValueError, match=r"ring_heads_k_stride=3 must be a positive divisor .* \(2\)"):
+        _trainer(tokenizer, tiny_model, make_rows(2), tmp_path, sequence_parallel_size=2, ring_attn_impl="llama3",
+                 ring_heads_k_stride=3)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"sequence_parallel_size": 0}, "sequence_parallel_size"),
+        ({"ring_attn_impl": "stripe"}, "ring_attn_impl"),
+        ({"sequence_parallel_reference": "shared"}, "sequence_parallel_reference"),
+        ({"sequence_parallel_size": 2, "padding_free": True}, "padding_free"),
+    ],
+)
+def test_conflicting_sequence_parallel_options(tmp_path, options, message):
+    with pytest.raises(ValueError, match=message):
+        LongPOConfig(output_dir=str(tmp_path), report_to="none", **options)
+
+
+def test_local_reference_needs_a_separate_reference_model(tokenizer, tiny_model, tmp_path):
+    from peft import LoraConfig
+
+    with pytest.raises(ValueError, match="sequence_parallel_reference='local'"):
+        LongPOTrainer(model=tiny_model, args=longpo_args(tmp_path, sequence_parallel_size=2,
+                                                         sequence_parallel_reference="local"),
+                      train_dataset=Dataset.from_list(make_rows(2)), processing_class=tokenizer,
+                      peft_config=LoraConfig(r=2, target_modules=["q_proj"]))
+
+
+def test_liger_is_refused_without_a_gpu(tokenizer, tiny_model, tmp_path):
+    with pytest.raises(ValueError, match="use_liger_kernel=True` needs a CUDA GPU"):
+        _trainer(tokenizer, tiny_model, make_rows(2), tmp_path, use_liger_kernel=True)

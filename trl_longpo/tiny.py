@@ -74,7 +74,7 @@ def build_tiny_model(
     """A randomly initialised Mistral-architecture causal LM (GQA, RoPE), small enough for CPU tests."""
     import torch
 
-    config = MistralConfig(
+    settings = dict(
         vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -87,8 +87,8 @@ def build_tiny_model(
         eos_token_id=2,
         pad_token_id=2,
         tie_word_embeddings=False,
-        **config_kwargs,
     )
+    config = MistralConfig(**{**settings, **config_kwargs})
     torch.manual_seed(seed)
     return MistralForCausalLM(config)
 

@@ -173,13 +173,15 @@ class LongPOTrainer(DPOTrainer):
 
         from .sequence_parallel import (
             SequenceParallelContext,
+            check_model_for_sequence_parallel,
             check_sp_size,
             init_sequence_parallel_mesh,
             prepare_model_for_sequence_parallel,
         )
 
-        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        check_sp_size(world_size, args.sequence_parallel_size)  # clear error for world % sp != 0 (incl. world 1)
+        for model in (self.model, self.ref_model if args.sequence_parallel_reference == "ring" else None):
+            if model is not None:
+                check_model_for_sequence_parallel(model, args.ring_heads_k_stride, args.ring_ignore_sliding_window)
         if isinstance(self.train_dataset, IterableDataset):
             raise ValueError(
                 "Sequence parallelism needs a map-style `Dataset`: every rank of an SP group must read the same rows, "
@@ -193,6 +195,8 @@ class LongPOTrainer(DPOTrainer):
                 "the reference here is the policy itself (PEFT with disabled adapters). Use 'ring', pass `ref_model`, "
                 "or set `precompute_ref_log_probs=True`."
             )
+        world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        check_sp_size(world_size, args.sequence_parallel_size)  # clear error for world % sp != 0 (incl. world 1)
         mesh = init_sequence_parallel_mesh(args.sequence_parallel_size, device_type=self.accelerator.device.type)
         self._sp = SequenceParallelContext(
             mesh,

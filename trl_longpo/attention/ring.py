@@ -247,7 +247,7 @@ def check_sliding_window(sliding_window: int | None, allow: bool) -> None:
         raise ValueError(
             f"the model uses sliding-window attention (sliding_window={sliding_window}), which ring attention does "
             "not implement across sequence-parallel blocks. Set config.sliding_window=None (full attention), or pass "
-            "allow_sliding_window=True to run full attention anyway."
+            "allow_sliding_window=True (LongPOConfig: ring_ignore_sliding_window=True) to run full attention anyway."
         )
     if not _warned_sliding_window:
         _warned_sliding_window = True

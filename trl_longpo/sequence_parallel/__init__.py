@@ -25,6 +25,7 @@ from trl_longpo.sequence_parallel.collectives import sp_all_reduce_sum
 from trl_longpo.sequence_parallel.log_probs import (
     RowLogProbs,
     SequenceParallelContext,
+    check_model_for_sequence_parallel,
     prepare_model_for_sequence_parallel,
     shard_log_probs,
     sp_fused_row_sums,
@@ -44,6 +45,7 @@ __all__ = [
     "RowLogProbs",
     "SequenceParallelContext",
     "SequenceParallelMesh",
+    "check_model_for_sequence_parallel",
     "check_sp_size",
     "init_sequence_parallel_mesh",
     "prepare_model_for_sequence_parallel",

@@ -84,19 +84,27 @@ class SequenceParallelContext:
         )
 
 
+def check_model_for_sequence_parallel(
+    model: torch.nn.Module, heads_k_stride: int = 1, allow_sliding_window: bool = False
+) -> None:
+    """Refuse what ring attention cannot run: a sliding window (unless explicitly allowed, then warn), a kv head count
+    the heads stride does not divide, attention dropout. Needs no process group, so it can run before the mesh."""
+    config = _unwrap(model).config
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    check_sliding_window(_effective_sliding_window(text_config), allow_sliding_window)
+    num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    check_heads_k_stride(num_kv_heads, heads_k_stride)
+    if getattr(text_config, "attention_dropout", 0.0):
+        raise ValueError(f"ring attention does not support attention dropout ({text_config.attention_dropout})")
+
+
 def prepare_model_for_sequence_parallel(model: torch.nn.Module, context: SequenceParallelContext) -> torch.nn.Module:
     """Check the model can run ring attention, register it with transformers and switch the model to it (in place).
 
     Raises on a sliding-window config (unless `context.allow_sliding_window`), a kv head count the heads stride does
     not divide, or attention dropout.
     """
-    config = _unwrap(model).config
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    check_sliding_window(_effective_sliding_window(text_config), context.allow_sliding_window)
-    num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
-    check_heads_k_stride(num_kv_heads, context.heads_k_stride)
-    if getattr(text_config, "attention_dropout", 0.0):
-        raise ValueError(f"ring attention does not support attention dropout ({text_config.attention_dropout})")
+    check_model_for_sequence_parallel(model, context.heads_k_stride, context.allow_sliding_window)
     _unwrap(model).set_attn_implementation(register_ring_attention())
     return model
 
