@@ -56,21 +56,20 @@ def load_longpo_dataset(name: str, config: str | None = None, streaming: bool = 
 
 def main(script_args: LongPOScriptArguments, training_args: LongPOConfig, model_args: ModelConfig) -> None:
     model_path = model_args.model_name_or_path
-    if script_args.build_tiny_model and model_path and not os.path.exists(model_path):
-        from trl_longpo.tiny import save_tiny_model
+    # The main process builds the offline assets; the others wait, then find them (every rank passes the same
+    # barriers whatever the file system shows it)
+    with training_args.distributed_state.main_process_first():
+        if script_args.build_tiny_model and model_path and not os.path.exists(model_path):
+            from trl_longpo.tiny import save_tiny_model
 
-        if training_args.distributed_state.is_main_process:
             save_tiny_model(model_path)
-        training_args.distributed_state.wait_for_everyone()
-    if script_args.build_toy_dataset and script_args.dataset_name and not os.path.exists(script_args.dataset_name):
-        from trl_longpo.tiny import toy_longpo_rows
+        if script_args.build_toy_dataset and script_args.dataset_name and not os.path.exists(script_args.dataset_name):
+            from trl_longpo.tiny import toy_longpo_rows
 
-        if training_args.distributed_state.is_main_process:
             os.makedirs(os.path.dirname(script_args.dataset_name) or ".", exist_ok=True)
             with open(script_args.dataset_name, "w") as f:
                 for row in toy_longpo_rows(script_args.build_toy_dataset, seed=training_args.seed):
                     f.write(json.dumps(row) + "\n")
-        training_args.distributed_state.wait_for_everyone()
 
     model_init_kwargs = {
         "revision": model_args.model_revision,

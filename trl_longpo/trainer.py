@@ -197,6 +197,14 @@ class LongPOTrainer(DPOTrainer):
             )
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         check_sp_size(world_size, args.sequence_parallel_size)  # clear error for world % sp != 0 (incl. world 1)
+        if self.accelerator.num_processes != world_size:
+            # e.g. `accelerate launch --multi_gpu` on a machine without GPUs: the process group exists, but accelerate
+            # runs every process as a single-process job and would not shard data or synchronise gradients
+            raise ValueError(
+                f"torch.distributed has {world_size} processes but accelerate runs {self.accelerator.num_processes} "
+                f"({self.accelerator.distributed_type}). On a CPU-only machine set `use_cpu=True` (accelerate then "
+                "uses gloo across the processes)."
+            )
         mesh = init_sequence_parallel_mesh(args.sequence_parallel_size, device_type=self.accelerator.device.type)
         self._sp = SequenceParallelContext(
             mesh,

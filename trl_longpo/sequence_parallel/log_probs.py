@@ -177,7 +177,8 @@ def shard_log_probs(
     logits = outputs.logits[0]  # (T_local, V)
     targets = shard.labels[0]
     in_loss = targets != IGNORE_INDEX
-    token_logps = selective_log_softmax(logits, targets.clamp(min=0)).masked_fill(~in_loss, 0.0)
+    # A batch dimension keeps TRL's CPU fallback from looping over tokens one at a time
+    token_logps = selective_log_softmax(logits[None], targets.clamp(min=0)[None])[0].masked_fill(~in_loss, 0.0)
     rows = shard.row_index.clamp(min=0)  # padding has in_loss False, so its row does not matter
     # Accumulate in at least fp32: summing 100K+ bf16 log-probs in bf16 would lose most of the precision.
     zeros = torch.zeros(

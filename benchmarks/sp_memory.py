@@ -1,0 +1,708 @@
+#!/usr/bin/env python
+"""Sequence-parallel memory and step-time benchmark (a script, not a test).
+
+    python benchmarks/sp_memory.py                       # L in {2K, 4K, 8K, 16K} x sp in {1, 2, 4}, zigzag (~6 min, 2 cores)
+    python benchmarks/sp_memory.py --quick               # smoke run (~15 s)
+    python benchmarks/sp_memory.py --impl llama3 --lengths 4K,8K --sp 1,2
+
+What runs: one forward + backward of `trl_longpo.sequence_parallel.sp_log_probs` (pack, shard, ring attention, per-row
+log-prob sums with an autograd all-reduce; the trainer's `sp_fused_row_sums` is the same path with TRL's fused LM head,
+which keeps no logits, so the LM-head/loss share measured here is an upper bound for training) on ONE row of L tokens
+with a small randomly initialised Mistral-architecture model (`trl_longpo.tiny.build_tiny_model`), on CPU over gloo,
+one spawned process per rank (1 torch thread each), a fresh process group per (sp, L) so that every measurement starts
+from a clean process. sp=1 is the same code with an SP group of one (plain varlen attention, no ring). Attention runs on
+trl_longpo's pure-PyTorch flash-attn stand-in, in bf16 (as on GPUs); the rest of the model runs in --dtype (default
+fp32: this CPU class has no fast bf16 matmul).
+
+What is measured, per rank:
+  * activation memory (the primary number, the one sequence parallelism divides): the bytes of every tensor saved for
+    backward during the forward, seen through `torch.autograd.graph.saved_tensors_hooks`, counted once per unique
+    storage (`untyped_storage().nbytes()`), EXCLUDING parameter storages (weights do not grow with L). Recorded at the
+    end of the forward, which is when the autograd graph holds the most. It does not include transient buffers
+    (attention score blocks of the CPU stand-in, ring send/receive buffers, gradients): on a GPU those belong to the
+    flash-attn kernels / allocator, not to the model's activations.
+  * peak RSS delta (secondary, CPU-specific): the process's peak resident set size during the step minus its RSS right
+    before it (Linux VmHWM, reset through /proc/self/clear_refs; falls back to sampling RSS every 5 ms). It includes
+    the stand-in's dense attention score blocks (bounded at 2^24 fp32 elements per query chunk), the logits, gloo
+    buffers and parameter gradients, i.e. a fixed overhead that does not shrink with sp.
+  * step time: wall-clock seconds of forward + backward on each rank (the max over ranks is reported), and the rank's
+    CPU seconds (process_time, max over ranks). On a 2-core machine sp=4 runs 4 ranks on 2 cores, so wall time includes waiting for a
+    core; CPU seconds per rank is the better proxy for per-device compute. The CPU stand-in computes every causal
+    block densely (masked, not skipped), so sp=1 does ~2x the necessary attention FLOPs and zigzag's off-diagonal
+    blocks do exactly what they need: per-rank attention compute at sp=W is ~(W+1)/(2W^2) of sp=1, less than 1/W.
+    Time ratios here are NOT predictions for GPUs (flash-attn skips masked blocks; NVLink vs gloo over loopback).
+
+Also printed: a breakdown of activation bytes per token by where it is saved (decoder layer, LM head, loss) and by
+tensor width (hidden, MLP, kv, ...), measured with the model in bf16 on one short row ("bf16 probe"), and its
+extrapolation to Mistral-7B widths (hidden 4096, MLP 14336, 32 heads / 8 kv heads of 128, vocab 32000, 32 layers): each
+width class is scaled by the ratio of widths, dtypes stay as measured. The extrapolation is arithmetic, not a
+measurement.
+
+Target checked at the longest L: per-rank activation memory at sp=W <= 1.2/W of sp=1 (PASS/FAIL per W; exit status 1
+on any FAIL).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import math
+import multiprocessing
+import os
+import socket
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from datetime import timedelta
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+MIB = 1 << 20
+TARGET_SLACK = 1.2  # activation memory at sp=W must be <= TARGET_SLACK / W of sp=1
+
+# Mistral-7B-v0.1/v0.2 widths, for the extrapolation.
+MISTRAL_7B = {
+    "hidden": 4096,
+    "intermediate": 14336,
+    "heads": 32,
+    "kv_heads": 8,
+    "head_dim": 128,
+    "vocab": 32000,
+    "layers": 32,
+}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Measurement helpers (run inside the rank processes)
+# ------------------------------------------------------------------------------------------------------------------
+
+
+class SavedTensorMeter:
+    """Counts the bytes autograd saves for backward, once per storage, attributed to the module saving them.
+
+    Parameters' storages are excluded. The meter holds references to what it saw until `finish()` so that a storage
+    freed during the forward (a discarded branch) cannot be replaced by a new one at the same address and missed.
+    """
+
+    def __init__(self, model, tokens: int, dims: dict[str, int]):
+        import torch
+
+        self.torch = torch
+        self.param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.tokens = tokens
+        self.dims = dims
+        self.seen: dict[int, object] = {}
+        self.records: list[tuple[str, str, str, int]] = []  # (where, width class, dtype, nbytes)
+        self.stack: list[str] = []
+        self.rope_ptrs: set[int] = set()
+        self.handles = []
+        self._install_module_hooks(model)
+
+    def _install_module_hooks(self, model) -> None:
+        inner = model.model
+        # RoPE cos/sin are computed once per forward and saved by every layer: tag their storages as "rope".
+        self.handles.append(inner.rotary_emb.register_forward_hook(self._tag_rope))
+        named = [("embed", inner.embed_tokens), ("final_norm", inner.norm)]
+        named += [(f"layer{i}", layer) for i, layer in enumerate(inner.layers)]
+        named += [("lm_head", model.lm_head), ("model", model)]
+        for name, module in named:
+            self.handles.append(module.register_forward_pre_hook(lambda m, a, n=name: self.stack.append(n)))
+            self.handles.append(module.register_forward_hook(self._pop))
+
+    def _pop(self, module, args, output) -> None:  # must return None: a forward hook's return value replaces outputs
+        self.stack.pop()
+
+    def _tag_rope(self, module, args, output) -> None:
+        self.rope_ptrs = {t.untyped_storage().data_ptr() for t in output}
+
+    def width_class(self, numel: int) -> str:
+        d, t = self.dims, self.tokens
+        if numel in (d["vocab"], d["vocab"] * t):  # logits-sized, or one row of logits (per-token loops)
+            return "vocab"
+        if numel % t:
+            return "fixed"
+        width = numel // t
+        names = [
+            name
+            for name, w in (
+                ("hidden", d["hidden"]),
+                ("mlp", d["intermediate"]),
+                ("kv", d["kv_heads"] * d["head_dim"]),
+                ("heads", d["heads"]),
+                ("head_dim", d["head_dim"]),
+                ("scalar", 1),
+            )
+            if w == width
+        ]
+        if not names:
+            return f"width{width}"
+        return "|".join(names)
+
+    def pack(self, tensor):
+        torch = self.torch
+        if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+            storage = tensor.untyped_storage()
+            ptr = storage.data_ptr()
+            if ptr not in self.param_ptrs and ptr not in self.seen:
+                self.seen[ptr] = tensor
+                nbytes = storage.nbytes()
+                where = "rope" if ptr in self.rope_ptrs else (self.stack[-1] if self.stack else "loss")
+                self.records.append(
+                    (where, self.width_class(nbytes // tensor.element_size()), str(tensor.dtype), nbytes)
+                )
+        return tensor
+
+    @staticmethod
+    def unpack(tensor):
+        return tensor
+
+    def hooks(self):
+        return self.torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    def finish(self) -> dict:
+        for handle in self.handles:
+            handle.remove()
+        self.seen.clear()
+        total = sum(r[3] for r in self.records)
+        breakdown: dict[str, int] = {}
+        for where, width, dtype, nbytes in self.records:
+            key = f"{'layer' if where.startswith('layer') else where}/{width}/{dtype.replace('torch.', '')}"
+            breakdown[key] = breakdown.get(key, 0) + nbytes
+        return {"total_bytes": total, "breakdown_bytes": breakdown}
+
+
+class PeakRSS:
+    """Peak RSS during a block minus the RSS at its start (bytes)."""
+
+    def __init__(self):
+        import psutil
+
+        self.process = psutil.Process()
+        self.use_hwm = _reset_hwm()
+        self.start_rss = self.process.memory_info().rss
+        self.peak = self.start_rss
+        self._stop = threading.Event()
+        self._thread = None
+        if not self.use_hwm:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def stop(self) -> int:
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        else:
+            self.peak = _read_status_kib("VmHWM") * 1024
+        return max(0, self.peak - self.start_rss)
+
+
+def _read_status_kib(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: reset VmHWM to the current RSS
+        return True
+    except OSError:
+        return False
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _rows(length: int, vocab: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (1, length), generator=g)
+    return ids, ids.clone()
+
+
+def run_rank(job: dict) -> dict:
+    """One (sp, L) measurement on this rank of an initialised gloo world of size sp."""
+    import torch
+    import torch.distributed as dist
+
+    from trl_longpo.sequence_parallel import (
+        SequenceParallelContext,
+        init_sequence_parallel_mesh,
+        prepare_model_for_sequence_parallel,
+        sp_log_probs,
+    )
+    from trl_longpo.tiny import build_tiny_model
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[job["dtype"]]
+    sp = dist.get_world_size()
+    mesh = init_sequence_parallel_mesh(sp)
+    model = build_tiny_model(
+        vocab_size=job["vocab"],
+        hidden_size=job["hidden"],
+        num_layers=job["layers"],
+        num_heads=job["heads"],
+        num_kv_heads=job["kv_heads"],
+        seed=0,
+    ).to(dtype)
+    model.train()
+    context = SequenceParallelContext(
+        mesh,
+        ring_attn_impl=job["impl"],
+        heads_k_stride=job["heads_k_stride"],
+        attention_dtype=torch.bfloat16,
+    )
+    prepare_model_for_sequence_parallel(model, context)
+    dims = {
+        "hidden": job["hidden"],
+        "intermediate": model.config.intermediate_size,
+        "heads": job["heads"],
+        "kv_heads": job["kv_heads"],
+        "head_dim": job["hidden"] // job["heads"],
+        "vocab": job["vocab"],
+    }
+
+    def step(length: int, meter: SavedTensorMeter | None = None, backward: bool = True) -> dict:
+        ids, labels = _rows(length, job["vocab"], seed=length)
+        timings = {}
+        t0, c0 = time.perf_counter(), time.process_time()
+        if meter is not None:
+            with meter.hooks():
+                out = sp_log_probs(model, ids, labels, context=context)
+        else:
+            out = sp_log_probs(model, ids, labels, context=context)
+        t1, c1 = time.perf_counter(), time.process_time()
+        saved = meter.finish() if meter is not None else None
+        timings.update(forward_s=t1 - t0, forward_cpu_s=c1 - c0)
+        if backward:
+            loss = -(out.sum_logps / out.num_tokens).sum()
+            loss.backward()
+            t2, c2 = time.perf_counter(), time.process_time()
+            timings.update(step_s=t2 - t0, step_cpu_s=c2 - c0)
+        model.zero_grad(set_to_none=True)
+        return {"timings": timings, "saved": saved}
+
+    # Warm-up on a short row: first custom-op call, kernel imports, gloo connections.
+    step(64 * 2 * sp)
+    length = job["length"]
+    local_tokens = length // sp
+    gc.collect()
+    _malloc_trim()
+    dist.barrier()
+    rss = PeakRSS()
+    meter = SavedTensorMeter(model, local_tokens, dims)
+    result = step(length, meter, backward=not job.get("probe", False))
+    rss_delta = rss.stop()
+    dist.barrier()
+    return {
+        "sp": sp,
+        "length": length,
+        "local_tokens": local_tokens,
+        "activation_bytes": result["saved"]["total_bytes"],
+        "breakdown_bytes": result["saved"]["breakdown_bytes"],
+        "rss_delta_bytes": rss_delta,
+        "rss_method": "VmHWM" if rss.use_hwm else "sampled",
+        **result["timings"],
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Launcher
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _worker(rank: int, world_size: int, port: int, job: dict, outdir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # The stand-in's "slow backend" warning is said once in the header. ring-flash-attn 0.1.8's llama3 kernel calls
+    # all_gather_into_tensor / reduce_scatter_tensor, which torch 2.13 deprecates (a FutureWarning per call site).
+    warnings.filterwarnings("ignore", message="attention is running on trl_longpo's pure-PyTorch")
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=job["timeout"]))
+    result = {"error": "did not finish"}
+    try:
+        result = run_rank(job)
+    except Exception:  # noqa: BLE001 - reported to the parent with the traceback
+        result = {"error": traceback.format_exc()}
+    finally:
+        Path(outdir, f"rank{rank}.json").write_text(json.dumps(result))
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_preloaded = False
+
+
+def launch(world_size: int, job: dict) -> list[dict]:
+    """Run `job` on `world_size` fresh gloo ranks; return each rank's result.
+
+    forkserver with preloaded imports (as in tests/test_sequence_parallel.py): torch/transformers are imported once by
+    the fork server, and every rank still starts as a fresh process.
+    """
+    import torch.multiprocessing as mp
+
+    global _preloaded
+    method = "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+    if method == "forkserver" and not _preloaded:
+        multiprocessing.set_forkserver_preload(
+            ["torch", "transformers", "psutil", "trl.trainer.utils", "trl_longpo.tiny", "trl_longpo.sequence_parallel"]
+        )
+        _preloaded = True
+    with tempfile.TemporaryDirectory(prefix="sp_memory_") as outdir:
+        context = mp.start_processes(
+            _worker,
+            args=(world_size, _free_port(), job, outdir),
+            nprocs=world_size,
+            join=False,
+            start_method=method,
+        )
+        deadline = time.monotonic() + job["timeout"]
+        while not context.join(timeout=max(1.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                for process in context.processes:
+                    if process.is_alive():
+                        process.kill()
+                raise TimeoutError(f"sp={world_size} L={job['length']} did not finish in {job['timeout']}s")
+        results = [json.loads(Path(outdir, f"rank{r}.json").read_text()) for r in range(world_size)]
+    for rank, r in enumerate(results):
+        if "error" in r:
+            raise RuntimeError(f"sp={world_size} L={job['length']} rank {rank} failed:\n{r['error']}")
+    return results
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Reporting
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def parse_length(text: str) -> int:
+    text = text.strip().upper()
+    return int(float(text[:-1]) * 1024) if text.endswith("K") else int(text)
+
+
+def fmt_len(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def summarise(rank_results: list[dict]) -> dict:
+    """Per-rank numbers of one (sp, L) run: the max over ranks (the largest / slowest rank sets the step)."""
+    return {
+        "sp": rank_results[0]["sp"],
+        "length": rank_results[0]["length"],
+        "local_tokens": rank_results[0]["local_tokens"],
+        "activation_bytes": max(r["activation_bytes"] for r in rank_results),
+        "activation_bytes_min": min(r["activation_bytes"] for r in rank_results),
+        "rss_delta_bytes": max(r["rss_delta_bytes"] for r in rank_results),
+        "step_s": max(r.get("step_s", math.nan) for r in rank_results),
+        "step_cpu_s": max(r.get("step_cpu_s", math.nan) for r in rank_results),
+        "breakdown_bytes": rank_results[0]["breakdown_bytes"],
+        "rss_method": rank_results[0]["rss_method"],
+    }
+
+
+def results_table(rows: list[dict]) -> str:
+    base = {r["length"]: r for r in rows if r["sp"] == 1}
+    lines = [
+        (
+            "| L | sp | tokens/rank | activations MiB/rank | act. ratio | ideal 1/sp | act. bytes/token | "
+            "peak RSS Δ MiB/rank | RSS ratio | step wall s | wall ratio | step CPU s/rank | CPU ratio |"
+        ),
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["length"], r["sp"])):
+        b = base.get(r["length"])
+
+        def ratio(key, r=r, b=b):
+            return f"{r[key] / b[key]:.3f}" if b and b[key] else "–"
+
+        lines.append(
+            f"| {fmt_len(r['length'])} | {r['sp']} | {r['local_tokens']} | {r['activation_bytes'] / MIB:.1f} | "
+            f"{ratio('activation_bytes')} | {1 / r['sp']:.3f} | {r['activation_bytes'] / r['local_tokens']:,.0f} | "
+            f"{r['rss_delta_bytes'] / MIB:.1f} | {ratio('rss_delta_bytes')} | {r['step_s']:.2f} | {ratio('step_s')} | "
+            f"{r['step_cpu_s']:.2f} | {ratio('step_cpu_s')} |"
+        )
+    return "\n".join(lines)
+
+
+def target_checks(rows: list[dict]) -> tuple[list[str], bool]:
+    longest = max(r["length"] for r in rows)
+    at = {r["sp"]: r for r in rows if r["length"] == longest}
+    lines, ok = [], True
+    if 1 not in at:
+        return [f"target: no sp=1 run at L={fmt_len(longest)}, nothing to compare"], True
+    for w in sorted(at):
+        if w == 1:
+            continue
+        ratio = at[w]["activation_bytes"] / at[1]["activation_bytes"]
+        passed = ratio <= TARGET_SLACK / w
+        ok &= passed
+        lines.append(
+            f"{'PASS' if passed else 'FAIL'}  sp={w} at L={fmt_len(longest)}: per-rank activation memory "
+            f"{ratio:.4f} x sp=1 (target <= {TARGET_SLACK}/{w} = {TARGET_SLACK / w:.4f})"
+        )
+    return lines, ok
+
+
+def per_token_breakdown(probe: dict, layers: int) -> dict[str, dict[str, float]]:
+    """Bytes per token: {'layer' (mean per decoder layer) | 'embed' | 'rope' | 'final_norm' | 'lm_head' | 'loss' |
+    'model' (the model's own code between its submodules): {'width class:dtype': bytes}}."""
+    tokens = probe["local_tokens"]
+    out: dict[str, dict[str, float]] = {}
+    for key, nbytes in probe["breakdown_bytes"].items():
+        where, width, dtype = key.split("/")
+        per = nbytes / tokens / (layers if where == "layer" else 1)
+        slot = out.setdefault(where, {})
+        slot[f"{width}:{dtype}"] = slot.get(f"{width}:{dtype}", 0.0) + per
+    return out
+
+
+def breakdown_table(bd: dict[str, dict[str, float]]) -> str:
+    lines = ["| saved in | width class:dtype | bytes/token |", "|---|---|---:|"]
+    for where in sorted(bd):
+        for cls, value in sorted(bd[where].items(), key=lambda kv: -kv[1]):
+            label = "each decoder layer" if where == "layer" else where
+            lines.append(f"| {label} | {cls} | {value:,.1f} |")
+    return "\n".join(lines)
+
+
+def _width(dims: dict[str, int], cls: str) -> int | None:
+    return {
+        "hidden": dims["hidden"],
+        "mlp": dims["intermediate"],
+        "kv": dims["kv_heads"] * dims["head_dim"],
+        "heads": dims["heads"],
+        "head_dim": dims["head_dim"],
+        "scalar": 1,
+        "vocab": dims["vocab"],
+        "fixed": 0,
+    }.get(cls)
+
+
+def arithmetic_table(bd: dict[str, dict[str, float]], tiny: dict[str, int], target: dict[str, int]) -> str:
+    lines = [
+        "| saved in | width class:dtype | tiny B/token | × width ratio | Mistral-7B B/token |",
+        "|---|---|---:|---|---:|",
+    ]
+    for where in sorted(bd, key=lambda w: (w != "layer", w)):
+        for key, value in sorted(bd[where].items(), key=lambda kv: -kv[1]):
+            cls = key.split(":")[0].split("|")[0]
+            wt, wm = _width(tiny, cls), _width(target, cls)
+            if not wt:
+                continue
+            label = "each decoder layer" if where == "layer" else where
+            lines.append(f"| {label} | {key} | {value:,.0f} | × {wm}/{wt} | {value * wm / wt:,.0f} |")
+    return "\n".join(lines)
+
+
+def extrapolate(bd: dict[str, dict[str, float]], tiny: dict[str, int], target: dict[str, int]) -> dict[str, float]:
+    """Scale each width class by target/tiny width (dtypes as measured). Returns bytes/token figures."""
+
+    def scaled(slot):
+        total = 0.0
+        for key, value in slot.items():
+            cls = key.split(":")[0].split("|")[0]
+            w_tiny, w_target = _width(tiny, cls), _width(target, cls)
+            if w_tiny is None:
+                raise ValueError(f"cannot extrapolate width class {cls!r}: use dims without collisions")
+            total += value * (w_target / w_tiny if w_tiny else 0.0)
+        return total
+
+    per_layer = scaled(bd.get("layer", {}))
+    outside = {where: scaled(slot) for where, slot in bd.items() if where != "layer"}
+    layer_input = target["hidden"] * 2  # bf16 hidden state kept per layer under gradient checkpointing
+    return {
+        "per_layer": per_layer,
+        "outside_layers": sum(outside.values()),
+        "loss_and_head": outside.get("loss", 0.0) + outside.get("lm_head", 0.0) + outside.get("final_norm", 0.0),
+        "full": target["layers"] * per_layer + sum(outside.values()),
+        "checkpointed": target["layers"] * layer_input + per_layer + sum(outside.values()),
+        **{f"outside:{k}": v for k, v in outside.items()},
+    }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--lengths", default="2K,4K,8K,16K", help="comma-separated tokens per row (2K = 2048)")
+    parser.add_argument("--sp", default="1,2,4", help="comma-separated sequence-parallel sizes (sp=1 is the baseline)")
+    parser.add_argument(
+        "--impl", choices=["zigzag", "llama3"], default="zigzag", help="ring-flash-attn implementation"
+    )
+    parser.add_argument("--heads-k-stride", type=int, default=1, help="llama3: kv heads all-gathered at a time")
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--kv-heads", type=int, default=2)
+    parser.add_argument("--vocab", type=int, default=1024)
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="model dtype (attention is bf16)")
+    parser.add_argument(
+        "--probe-length", default="1536", help="row length of the bf16 breakdown probe (sp=1, forward; != --vocab)"
+    )
+    parser.add_argument("--no-probe", action="store_true", help="skip the bf16 breakdown probe and extrapolation")
+    parser.add_argument(
+        "--quick", action="store_true", help="smoke run (~15 s): defaults L in {1K, 2K}, sp in {1, 2}, 1 layer"
+    )
+    parser.add_argument("--timeout", type=int, default=1800, help="seconds allowed per (sp, L) run")
+    parser.add_argument("--json", type=Path, help="also write all raw results here")
+    argv = sys.argv[1:] if argv is None else argv
+    if "--quick" in argv:  # smaller defaults; flags given explicitly still win
+        parser.set_defaults(lengths="1K,2K", sp="1,2", layers=1, probe_length="768")
+    args = parser.parse_args(argv)
+
+    lengths = sorted(parse_length(x) for x in args.lengths.split(","))
+    sps = sorted(int(x) for x in args.sp.split(","))
+    for w in sps:
+        bad = [n for n in lengths if n % (2 * w)]
+        if bad:
+            parser.error(f"lengths {bad} are not multiples of 2*sp={2 * w}")
+    probe_len = parse_length(args.probe_length)
+    if probe_len == args.vocab or probe_len * args.vocab == 0:
+        parser.error("--probe-length must differ from --vocab (tensor widths are classified by size)")
+    if args.hidden % args.heads or args.heads % args.kv_heads:
+        parser.error("--hidden must be divisible by --heads and --heads by --kv-heads")
+    job = {
+        "vocab": args.vocab,
+        "hidden": args.hidden,
+        "layers": args.layers,
+        "heads": args.heads,
+        "kv_heads": args.kv_heads,
+        "impl": args.impl,
+        "heads_k_stride": args.heads_k_stride,
+        "dtype": args.dtype,
+        "timeout": args.timeout,
+    }
+    head_dim = args.hidden // args.heads
+    print(
+        f"# sp_memory: Mistral-architecture model, hidden {args.hidden}, MLP {2 * args.hidden}, {args.layers} layers, "
+        f"{args.heads} heads / {args.kv_heads} kv heads of {head_dim}, vocab {args.vocab}; model {args.dtype}, "
+        f"attention bf16 on the CPU flash-attn stand-in; ring '{args.impl}'; gloo, 1 thread per rank, "
+        f"{os.cpu_count()} CPU cores",
+        flush=True,
+    )
+    start = time.monotonic()
+    rows = []
+    for length in lengths:
+        for w in sps:
+            t = time.monotonic()
+            summary = summarise(launch(w, {**job, "length": length}))
+            rows.append(summary)
+            print(
+                f"  L={fmt_len(length):>4} sp={w}: activations {summary['activation_bytes'] / MIB:8.1f} MiB/rank, "
+                f"RSS Δ {summary['rss_delta_bytes'] / MIB:8.1f} MiB, step {summary['step_s']:7.2f} s wall, "
+                f"{summary['step_cpu_s']:7.2f} s CPU/rank ({time.monotonic() - t:.0f} s incl. launch)",
+                flush=True,
+            )
+
+    print()
+    print("## Per-rank activation memory and step time, ratios to sp=1 at the same L")
+    print()
+    print(results_table(rows))
+    print()
+    print(
+        "activations = bytes of tensors saved for backward at the end of the forward (unique storages, parameters "
+        "excluded; saved_tensors_hooks); act. bytes/token = activations / tokens on the rank. peak RSS Δ = peak "
+        f"resident memory during the step minus RSS before it ({rows[0]['rss_method']}), including the CPU stand-in's "
+        "attention score blocks. step = forward + backward of sp_log_probs; wall and CPU (process CPU seconds) "
+        "are the max over ranks."
+    )
+    print()
+    checks, ok = target_checks(rows)
+    for line in checks:
+        print(line)
+
+    probe = extrap = None
+    if not args.no_probe:
+        probe = summarise(launch(1, {**job, "length": probe_len, "dtype": "bf16", "probe": True}))
+        bd = per_token_breakdown(probe, args.layers)
+        tiny = {
+            "hidden": args.hidden,
+            "intermediate": 2 * args.hidden,
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "head_dim": head_dim,
+            "vocab": args.vocab,
+            "layers": args.layers,
+        }
+        extrap = extrapolate(bd, tiny, MISTRAL_7B)
+        print()
+        print(
+            f"## Activation bytes per token by tensor width, model in bf16 (probe: sp=1, L={fmt_len(probe_len)}, "
+            "forward only)"
+        )
+        print()
+        print(breakdown_table(bd))
+        print()
+        m = MISTRAL_7B
+        print(
+            f"## Extrapolated to Mistral-7B widths (hidden {m['hidden']}, MLP {m['intermediate']}, {m['heads']}/"
+            f"{m['kv_heads']} heads of {m['head_dim']}, vocab {m['vocab']}, {m['layers']} layers, bf16) — arithmetic, "
+            "not a measurement"
+        )
+        print()
+        print(arithmetic_table(bd, tiny, MISTRAL_7B))
+        print()
+        print(f"- per decoder layer: {extrap['per_layer'] / 1024:,.1f} KiB/token")
+        print(
+            f"- outside the layers (embedding ids, RoPE, final norm, LM head input, logits/log-softmax): "
+            f"{extrap['outside_layers'] / 1024:,.1f} KiB/token"
+        )
+        print(f"- no gradient checkpointing: {extrap['full'] / 1024:,.1f} KiB/token")
+        print(
+            f"- gradient checkpointing (keeps each layer's bf16 input, {m['hidden'] * 2} B/token/layer, + one layer "
+            f"recomputed + outside the layers): {extrap['checkpointed'] / 1024:,.1f} KiB/token"
+        )
+        print(
+            "  A LongPO step's policy forward packs the chosen AND the rejected sequence of each pair: with "
+            "per_device_train_batch_size 1 an SP group holds up to 2 x max_length tokens."
+        )
+        for max_length in (128 * 1024, 256 * 1024, 512 * 1024):
+            tokens = 2 * max_length
+            gib = extrap["checkpointed"] * tokens / (1 << 30)
+            print(
+                f"  - max_length {fmt_len(max_length)} ({fmt_len(tokens)} tokens per SP group), checkpointed: "
+                f"{gib:,.1f} GiB in total -> " + ", ".join(f"sp={w}: {gib / w:,.1f} GiB/rank" for w in (2, 4, 8, 16))
+            )
+    print(f"\n(total {time.monotonic() - start:.0f} s)")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {"args": vars(args) | {"json": str(args.json)}, "rows": rows, "probe": probe, "extrapolation": extrap},
+                indent=1,
+            )
+        )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
