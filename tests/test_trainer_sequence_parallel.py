@@ -28,6 +28,7 @@ SCENARIOS = {
     "zigzag_local_reference": ("zigzag", {"sequence_parallel_reference": "local"}),
     "llama3_precomputed_reference": ("llama3", {"precompute_ref_log_probs": True}),
 }
+TOKEN_METRICS = ("entropy", "mean_token_accuracy", "num_tokens")
 LOSS_METRICS = ("longpo_loss", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
                 "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "rewards/accuracies")
 
@@ -136,6 +137,11 @@ def _unsplit(tokenizer, dp_size: int, tmp_path) -> tuple[list[float], dict, dict
         for name, value in gr.items():
             grads[name] = grads.get(name, 0) + value / dp_size
     averaged = {k: sum(m[k] for m in metrics) / dp_size for k in LOSS_METRICS}
+    # Token-weighted metrics and token counts: all rows in one batch (tokens counted once, not once per SP rank)
+    trainer._total_train_tokens = 0
+    with torch.no_grad():
+        trainer.compute_loss(trainer.model, trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))]))
+    averaged.update({k: trainer._metrics["train"][k][-1] for k in TOKEN_METRICS})
     return losses, averaged, grads
 
 
@@ -166,7 +172,7 @@ def test_trainer_split_equals_unsplit(tokenizer, tmp_path, world_size, sp_size):
             assert "error" not in r, f"{name} rank {rank}:\n{r['error']}"
             group = rank // sp_size
             assert _close(r["loss"], losses[group]), (name, rank, r["loss"], losses[group])
-            for key in LOSS_METRICS:
+            for key in LOSS_METRICS + TOKEN_METRICS:
                 assert _close(r["metrics"][key], metrics[key], _metric_scale(key, metrics)), (
                     name, rank, key, r["metrics"][key], metrics[key])
             got = torch.load(tmp_path / f"grads_{name}_rank{rank}.pt")
