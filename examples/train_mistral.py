@@ -49,7 +49,9 @@ def load_longpo_dataset(name: str, config: str | None = None, streaming: bool = 
     if os.path.isfile(name):
         kind = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}.get(os.path.splitext(name)[1])
         if kind is None:
-            raise ValueError(f"Cannot load {name!r}: use a .jsonl, .json or .parquet file, or a `save_to_disk` directory.")
+            raise ValueError(
+                f"Cannot load {name!r}: use a .jsonl, .json or .parquet file, or a `save_to_disk` directory."
+            )
         return load_dataset(kind, data_files=name, streaming=streaming)
     return load_dataset(name, name=config, streaming=streaming)
 
@@ -79,7 +81,9 @@ def main(script_args: LongPOScriptArguments, training_args: LongPOConfig, model_
     training_args.model_init_kwargs = {**model_init_kwargs, **(training_args.model_init_kwargs or {})}
 
     if not script_args.dataset_name:
-        raise ValueError("Set `dataset_name`: a hub dataset, a `trl-longpo generate` output directory or a .jsonl file.")
+        raise ValueError(
+            "Set `dataset_name`: a hub dataset, a `trl-longpo generate` output directory or a .jsonl file."
+        )
     dataset = load_longpo_dataset(script_args.dataset_name, script_args.dataset_config, script_args.dataset_streaming)
     if script_args.dataset_train_split not in dataset:
         raise ValueError(

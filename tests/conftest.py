@@ -45,7 +45,7 @@ def make_rows(n: int = 4, conversational: bool = True, short_equals_long: bool =
         question = f"Question {i}: what does passage {i % 3} describe?"
         long_text = "\n\n".join(passages) + "\n\n" + question
         short_text = long_text if short_equals_long else passages[i % 3] + "\n\n" + question
-        chosen = f"It describes {passages[i % 3][:20 + 5 * i].strip()}."
+        chosen = f"It describes {passages[i % 3][: 20 + 5 * i].strip()}."
         rejected = f"Passage {i} is about something else {'entirely ' * (i + 1)}"
         if conversational:
             rows.append(
@@ -57,7 +57,9 @@ def make_rows(n: int = 4, conversational: bool = True, short_equals_long: bool =
                 }
             )
         else:
-            rows.append({"prompt": long_text, "short_prompt": short_text, "chosen": " " + chosen, "rejected": " " + rejected})
+            rows.append(
+                {"prompt": long_text, "short_prompt": short_text, "chosen": " " + chosen, "rejected": " " + rejected}
+            )
     return rows
 
 

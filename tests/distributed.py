@@ -13,8 +13,15 @@ from pathlib import Path
 
 import pytest
 
-PRELOAD = ["torch", "transformers", "trl", "trl.trainer.utils", "trl_longpo", "trl_longpo.tiny",
-           "trl_longpo.sequence_parallel"]
+PRELOAD = [
+    "torch",
+    "transformers",
+    "trl",
+    "trl.trainer.utils",
+    "trl_longpo",
+    "trl_longpo.tiny",
+    "trl_longpo.sequence_parallel",
+]
 
 
 def free_port() -> int:
@@ -28,8 +35,15 @@ def init_rank(rank: int, world_size: int, port: int) -> None:
     import torch
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), ACCELERATE_USE_CPU="true")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        ACCELERATE_USE_CPU="true",
+    )
     torch.set_num_threads(1)  # the machine has 2 cores shared by up to 4 ranks
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=timedelta(seconds=90))
 
@@ -38,8 +52,14 @@ def write_result(outdir: str, rank: int, result: dict) -> None:
     Path(outdir, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def launch(worker: Callable, world_size: int, outdir: Path, args: tuple = (), timeout: float = 240.0,
-           preload: list[str] | None = None) -> list[dict]:
+def launch(
+    worker: Callable,
+    world_size: int,
+    outdir: Path,
+    args: tuple = (),
+    timeout: float = 240.0,
+    preload: list[str] | None = None,
+) -> list[dict]:
     """Run `worker(rank, world_size, port, outdir, *args)` on `world_size` processes; return each rank's JSON result.
 
     forkserver with preloaded imports: torch/transformers are imported once by the fork server instead of once per

@@ -16,12 +16,18 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_tiny_cpu_config_trains_and_saves(tmp_path):
     out = tmp_path / "run"
     cmd = [
-        sys.executable, str(ROOT / "examples" / "train_mistral.py"),
-        "--config", str(ROOT / "examples" / "configs" / "tiny_cpu.yaml"),
-        "--model_name_or_path", str(tmp_path / "tiny-mistral"),
-        "--dataset_name", str(tmp_path / "toy.jsonl"),
-        "--output_dir", str(out),
-        "--max_steps", "3",
+        sys.executable,
+        str(ROOT / "examples" / "train_mistral.py"),
+        "--config",
+        str(ROOT / "examples" / "configs" / "tiny_cpu.yaml"),
+        "--model_name_or_path",
+        str(tmp_path / "tiny-mistral"),
+        "--dataset_name",
+        str(tmp_path / "toy.jsonl"),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "3",
     ]
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
@@ -40,14 +46,25 @@ def test_accelerate_launch_two_process_sequence_parallel(tmp_path):
     """`accelerate launch --multi_gpu --num_processes 2` on CPU: sp=2 ring attention (gloo), trains, saves, reloads."""
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--main_process_port", "0",
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        "0",
         str(ROOT / "examples" / "train_mistral.py"),
-        "--config", str(ROOT / "examples" / "configs" / "tiny_cpu_sp2.yaml"),
-        "--model_name_or_path", str(tmp_path / "tiny-mistral"),
-        "--dataset_name", str(tmp_path / "toy.jsonl"),
-        "--output_dir", str(out),
-        "--max_steps", "2",
+        "--config",
+        str(ROOT / "examples" / "configs" / "tiny_cpu_sp2.yaml"),
+        "--model_name_or_path",
+        str(tmp_path / "tiny-mistral"),
+        "--dataset_name",
+        str(tmp_path / "toy.jsonl"),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        "2",
     ]
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)

@@ -89,8 +89,15 @@ def test_reduces_to_dpo_away_from_reference(tokenizer, tiny_model, tmp_path, con
     dpo = DPOTrainer(
         model=clone(policy),
         ref_model=clone(tiny_model),
-        args=DPOConfig(output_dir=str(tmp_path / "dpo"), report_to="none", bf16=False, gradient_checkpointing=False,
-                       max_length=None, beta=0.5, disable_tqdm=True),
+        args=DPOConfig(
+            output_dir=str(tmp_path / "dpo"),
+            report_to="none",
+            bf16=False,
+            gradient_checkpointing=False,
+            max_length=None,
+            beta=0.5,
+            disable_tqdm=True,
+        ),
         train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
         processing_class=tokenizer,
     )
@@ -134,8 +141,9 @@ def test_short_prompt_moves_step0_loss_away_from_log2(tokenizer, tiny_model, tmp
 
 def _independent_nll(model, tokenizer, row, scope: str) -> tuple[float, int]:
     """Sum of token NLL and token count of the chosen long sequence, from the plain model forward."""
-    prompt_ids = tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True,
-                                               return_dict=True)["input_ids"]
+    prompt_ids = tokenizer.apply_chat_template(
+        row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=True
+    )["input_ids"]
     full = tokenizer.apply_chat_template(row["prompt"] + row["chosen"], tokenize=True, return_dict=True)["input_ids"]
     assert full[: len(prompt_ids)] == prompt_ids
     ids = torch.tensor([full])
@@ -175,9 +183,16 @@ def test_completion_nll_equals_dpo_sigmoid_plus_sft(tokenizer, tiny_model, tmp_p
     dpo = DPOTrainer(
         model=clone(policy),
         ref_model=clone(tiny_model),
-        args=DPOConfig(output_dir=str(tmp_path / "dpo"), report_to="none", bf16=False, gradient_checkpointing=False,
-                       max_length=None, loss_type=["sigmoid", "sft"], loss_weights=[dpo_weight, nll_weight],
-                       disable_tqdm=True),
+        args=DPOConfig(
+            output_dir=str(tmp_path / "dpo"),
+            report_to="none",
+            bf16=False,
+            gradient_checkpointing=False,
+            max_length=None,
+            loss_type=["sigmoid", "sft"],
+            loss_weights=[dpo_weight, nll_weight],
+            disable_tqdm=True,
+        ),
         train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
         processing_class=tokenizer,
     )

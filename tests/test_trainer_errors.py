@@ -15,8 +15,12 @@ from trl_longpo.tokenization import LongPODataError
 
 
 def _trainer(tokenizer, model, rows, tmp_path, **config):
-    return LongPOTrainer(model=model, args=longpo_args(tmp_path, **config), train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer)
+    return LongPOTrainer(
+        model=model,
+        args=longpo_args(tmp_path, **config),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
 
 
 def test_missing_short_prompt_column(tokenizer, tiny_model, tmp_path):
@@ -77,14 +81,17 @@ def test_drop_mode_drops_and_logs(tokenizer, tiny_model, tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         trainer = _trainer(tokenizer, tiny_model, rows, tmp_path, max_length=limit, truncation_mode="drop")
     assert len(trainer.train_dataset) == 2
-    assert all(len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) <= limit
-               for ex in trainer.train_dataset)
+    assert all(
+        len(ex["prompt_ids"]) + max(len(ex["chosen_ids"]), len(ex["rejected_ids"])) <= limit
+        for ex in trainer.train_dataset
+    )
     assert "Dropped 2 of 4 rows" in caplog.text
 
 
 def test_non_causal_model_is_refused(tokenizer, tmp_path):
-    bert = BertForMaskedLM(BertConfig(vocab_size=1024, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      intermediate_size=64))
+    bert = BertForMaskedLM(
+        BertConfig(vocab_size=1024, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    )
     with pytest.raises(ValueError, match="BertForMaskedLM, not a decoder-only causal language model"):
         _trainer(tokenizer, bert, make_rows(2), tmp_path)
 
@@ -109,8 +116,12 @@ def test_conflicting_options(tmp_path, options, message):
 
 def test_dpo_config_is_refused(tokenizer, tiny_model, tmp_path):
     with pytest.raises(TypeError, match="must be a `LongPOConfig`"):
-        LongPOTrainer(model=tiny_model, args=DPOConfig(output_dir=str(tmp_path), bf16=False),
-                      train_dataset=Dataset.from_list(make_rows(2)), processing_class=tokenizer)
+        LongPOTrainer(
+            model=tiny_model,
+            args=DPOConfig(output_dir=str(tmp_path), bf16=False),
+            train_dataset=Dataset.from_list(make_rows(2)),
+            processing_class=tokenizer,
+        )
 
 
 # ----------------------------------------------------------------------------- sequence parallelism and kernels
@@ -131,14 +142,27 @@ def test_sliding_window_model_is_refused_under_ring_attention(tokenizer, tmp_pat
     # The explicit override passes the model check (and then stops at the world size, as this test is not distributed)
     with pytest.warns(UserWarning, match="ignores the model's sliding window"):
         with pytest.raises(ValueError, match="world size 1"):
-            _trainer(tokenizer, build_tiny_model(sliding_window=4096), make_rows(2), tmp_path,
-                     sequence_parallel_size=2, ring_ignore_sliding_window=True)
+            _trainer(
+                tokenizer,
+                build_tiny_model(sliding_window=4096),
+                make_rows(2),
+                tmp_path,
+                sequence_parallel_size=2,
+                ring_ignore_sliding_window=True,
+            )
 
 
 def test_heads_stride_must_divide_kv_heads(tokenizer, tiny_model, tmp_path):
     with pytest.raises(ValueError, match=r"ring_heads_k_stride=3 must be a positive divisor .* \(2\)"):
-        _trainer(tokenizer, tiny_model, make_rows(2), tmp_path, sequence_parallel_size=2, ring_attn_impl="llama3",
-                 ring_heads_k_stride=3)
+        _trainer(
+            tokenizer,
+            tiny_model,
+            make_rows(2),
+            tmp_path,
+            sequence_parallel_size=2,
+            ring_attn_impl="llama3",
+            ring_heads_k_stride=3,
+        )
 
 
 @pytest.mark.parametrize(
@@ -159,10 +183,13 @@ def test_local_reference_needs_a_separate_reference_model(tokenizer, tiny_model,
     from peft import LoraConfig
 
     with pytest.raises(ValueError, match="sequence_parallel_reference='local'"):
-        LongPOTrainer(model=tiny_model, args=longpo_args(tmp_path, sequence_parallel_size=2,
-                                                         sequence_parallel_reference="local"),
-                      train_dataset=Dataset.from_list(make_rows(2)), processing_class=tokenizer,
-                      peft_config=LoraConfig(r=2, target_modules=["q_proj"]))
+        LongPOTrainer(
+            model=tiny_model,
+            args=longpo_args(tmp_path, sequence_parallel_size=2, sequence_parallel_reference="local"),
+            train_dataset=Dataset.from_list(make_rows(2)),
+            processing_class=tokenizer,
+            peft_config=LoraConfig(r=2, target_modules=["q_proj"]),
+        )
 
 
 def test_liger_is_refused_without_a_gpu(tokenizer, tiny_model, tmp_path):

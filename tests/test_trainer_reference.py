@@ -24,8 +24,11 @@ def answer_logp(model, tokenizer, prompt: list[dict], answer: dict) -> float:
 
 
 def _batch(trainer, rows=None):
-    dataset = trainer.train_dataset if rows is None else trainer._prepare_dataset(
-        Dataset.from_list(rows), trainer.processing_class, trainer.args, "test")
+    dataset = (
+        trainer.train_dataset
+        if rows is None
+        else trainer._prepare_dataset(Dataset.from_list(rows), trainer.processing_class, trainer.args, "test")
+    )
     return trainer.data_collator([dataset[i] for i in range(len(dataset))])
 
 
@@ -44,16 +47,21 @@ def test_reference_scores_short_prompt_and_ignores_long_prompt(tokenizer, tiny_m
     ref_chosen, ref_rejected = trainer._reference_logps(trainer.ref_model, batch)
     expected_chosen = [answer_logp(initial, tokenizer, r["short_prompt"], r["chosen"][0]) for r in rows]
     expected_rejected = [answer_logp(initial, tokenizer, r["short_prompt"], r["rejected"][0]) for r in rows]
-    torch.testing.assert_close(ref_chosen.double(), torch.tensor(expected_chosen, dtype=torch.float64), atol=1e-4, rtol=0)
-    torch.testing.assert_close(ref_rejected.double(), torch.tensor(expected_rejected, dtype=torch.float64), atol=1e-4,
-                               rtol=0)
+    torch.testing.assert_close(
+        ref_chosen.double(), torch.tensor(expected_chosen, dtype=torch.float64), atol=1e-4, rtol=0
+    )
+    torch.testing.assert_close(
+        ref_rejected.double(), torch.tensor(expected_rejected, dtype=torch.float64), atol=1e-4, rtol=0
+    )
     # Scored on the long prompt the same answers get other log-probs: the test can tell the prompts apart
     long_chosen = [answer_logp(initial, tokenizer, r["prompt"], r["chosen"][0]) for r in rows]
     assert max(abs(a - b) for a, b in zip(long_chosen, expected_chosen)) > 1e-2
 
     # Change only the long prompt: the reference is unchanged, the policy is not
-    changed = [dict(r, prompt=[{"role": "user", "content": "A different document entirely.\n\n" + r["prompt"][0]["content"]}])
-               for r in rows]
+    changed = [
+        dict(r, prompt=[{"role": "user", "content": "A different document entirely.\n\n" + r["prompt"][0]["content"]}])
+        for r in rows
+    ]
     batch2 = _batch(trainer, changed)
     ref_chosen2, ref_rejected2 = trainer._reference_logps(trainer.ref_model, batch2)
     torch.testing.assert_close(ref_chosen2, ref_chosen, atol=1e-6, rtol=0)
@@ -70,7 +78,10 @@ def test_multi_turn_logps_are_sums_of_single_turn_pieces(tokenizer, tiny_model, 
             p.add_(0.05 * torch.randn_like(p))
     frozen_policy = clone(policy)
     trainer = LongPOTrainer(
-        model=policy, ref_model=clone(initial), args=longpo_args(tmp_path), train_dataset=Dataset.from_list([row]),
+        model=policy,
+        ref_model=clone(initial),
+        args=longpo_args(tmp_path),
+        train_dataset=Dataset.from_list([row]),
         processing_class=tokenizer,
     )
     batch = _batch(trainer)
@@ -100,8 +111,10 @@ def test_policy_rope_theta_applies_to_policy_only(tokenizer, tmp_path):
     base = build_tiny_model(seed=3)
     theta = 1e7
     trainer = LongPOTrainer(
-        model=clone(base), args=longpo_args(tmp_path, policy_rope_theta=theta),
-        train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        model=clone(base),
+        args=longpo_args(tmp_path, policy_rope_theta=theta),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
     )
     # An independently built model with θ = 1e7 in its config and the same weights
     rescaled = build_tiny_model(seed=3, rope_parameters={"rope_type": "default", "rope_theta": theta})

@@ -29,8 +29,18 @@ SCENARIOS = {
     "llama3_precomputed_reference": ("llama3", {"precompute_ref_log_probs": True}),
 }
 TOKEN_METRICS = ("entropy", "mean_token_accuracy", "num_tokens")
-LOSS_METRICS = ("longpo_loss", "nll_loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
-                "logps/rejected", "logps/ref_chosen", "logps/ref_rejected", "rewards/accuracies")
+LOSS_METRICS = (
+    "longpo_loss",
+    "nll_loss",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logps/ref_chosen",
+    "logps/ref_rejected",
+    "rewards/accuracies",
+)
 
 
 def _rows(dp_size: int) -> list[dict]:
@@ -52,9 +62,19 @@ def _model(seed: int = 0):
 def _args(tmp, **overrides):
     from trl_longpo import LongPOConfig
 
-    return LongPOConfig(output_dir=str(tmp), report_to="none", bf16=False, gradient_checkpointing=False,
-                        per_device_train_batch_size=ROWS_PER_GROUP, disable_tqdm=True, beta=0.5, dpo_weight=1.0,
-                        dataloader_num_workers=0, seed=0, **overrides)
+    return LongPOConfig(
+        output_dir=str(tmp),
+        report_to="none",
+        bf16=False,
+        gradient_checkpointing=False,
+        per_device_train_batch_size=ROWS_PER_GROUP,
+        disable_tqdm=True,
+        beta=0.5,
+        dpo_weight=1.0,
+        dataloader_num_workers=0,
+        seed=0,
+        **overrides,
+    )
 
 
 def _step(trainer, batch) -> tuple[float, dict, dict]:
@@ -67,7 +87,9 @@ def _step(trainer, batch) -> tuple[float, dict, dict]:
     return loss.item(), metrics, grads
 
 
-def _worker(rank: int, world_size: int, port: int, outdir: str, sp_size: int, tokenizer_dir: str, data_dir: str) -> None:
+def _worker(
+    rank: int, world_size: int, port: int, outdir: str, sp_size: int, tokenizer_dir: str, data_dir: str
+) -> None:
     init_rank(rank, world_size, port)
     import torch.distributed as dist
     from transformers import AutoTokenizer
@@ -81,9 +103,12 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, sp_size: int, to
     dataset = load_from_disk(data_dir)
     for name, (impl, extra) in SCENARIOS.items():
         try:
-            trainer = LongPOTrainer(model=_model(), args=_args(Path(outdir) / name, sequence_parallel_size=sp_size,
-                                                               ring_attn_impl=impl, **extra),
-                                    train_dataset=dataset, processing_class=tokenizer)
+            trainer = LongPOTrainer(
+                model=_model(),
+                args=_args(Path(outdir) / name, sequence_parallel_size=sp_size, ring_attn_impl=impl, **extra),
+                train_dataset=dataset,
+                processing_class=tokenizer,
+            )
             mine = range(dp_rank * ROWS_PER_GROUP, (dp_rank + 1) * ROWS_PER_GROUP)
             batch = trainer.data_collator([trainer.train_dataset[i] for i in mine])
             loss, metrics, grads = _step(trainer, batch)
@@ -109,8 +134,12 @@ def _worker(rank: int, world_size: int, port: int, outdir: str, sp_size: int, to
             except RuntimeError as error:
                 caught = str(error)
             results[name] = {
-                "loss": loss, "metrics": metrics, "digests": digests, "num_batches": len(loader),
-                "total_batch_size": trainer.get_total_train_batch_size(trainer.args), "caught": caught,
+                "loss": loss,
+                "metrics": metrics,
+                "digests": digests,
+                "num_batches": len(loader),
+                "total_batch_size": trainer.get_total_train_batch_size(trainer.args),
+                "caught": caught,
             }
         except Exception:
             results[name] = {"error": traceback.format_exc()}
@@ -123,14 +152,16 @@ def _unsplit(tokenizer, dp_size: int, tmp_path) -> tuple[list[float], dict, dict
     from trl_longpo import LongPOTrainer
 
     dataset = Dataset.from_list(_rows(dp_size))
-    trainer = LongPOTrainer(model=_model(), args=_args(tmp_path / "unsplit"), train_dataset=dataset,
-                            processing_class=tokenizer)
+    trainer = LongPOTrainer(
+        model=_model(), args=_args(tmp_path / "unsplit"), train_dataset=dataset, processing_class=tokenizer
+    )
     initial = copy.deepcopy(trainer.model.state_dict())
     losses, metrics, grads = [], [], {}
     for g in range(dp_size):
         trainer.model.load_state_dict(initial)
-        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(g * ROWS_PER_GROUP,
-                                                                                 (g + 1) * ROWS_PER_GROUP)])
+        batch = trainer.data_collator(
+            [trainer.train_dataset[i] for i in range(g * ROWS_PER_GROUP, (g + 1) * ROWS_PER_GROUP)]
+        )
         loss, m, gr = _step(trainer, batch)
         losses.append(loss)
         metrics.append(m)
@@ -140,7 +171,9 @@ def _unsplit(tokenizer, dp_size: int, tmp_path) -> tuple[list[float], dict, dict
     # Token-weighted metrics and token counts: all rows in one batch (tokens counted once, not once per SP rank)
     trainer._total_train_tokens = 0
     with torch.no_grad():
-        trainer.compute_loss(trainer.model, trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))]))
+        trainer.compute_loss(
+            trainer.model, trainer.data_collator([trainer.train_dataset[i] for i in range(len(dataset))])
+        )
     averaged.update({k: trainer._metrics["train"][k][-1] for k in TOKEN_METRICS})
     return losses, averaged, grads
 
@@ -153,8 +186,9 @@ def _metric_scale(key: str, metrics: dict) -> float:
     """TRL's fused LM head accumulates log-probs in fp32 by design, so a reward or margin (a difference of log-prob
     sums of ~|logps|) carries fp32 rounding of |logps|, not of itself: judge it relative to the sums it comes from."""
     if key.startswith("rewards/") and key != "rewards/accuracies":
-        return 0.5 * max(abs(metrics[k]) for k in ("logps/chosen", "logps/rejected", "logps/ref_chosen",
-                                                   "logps/ref_rejected"))
+        return 0.5 * max(
+            abs(metrics[k]) for k in ("logps/chosen", "logps/rejected", "logps/ref_chosen", "logps/ref_rejected")
+        )
     return 1.0
 
 
@@ -163,8 +197,9 @@ def test_trainer_split_equals_unsplit(tokenizer, tmp_path, world_size, sp_size):
     tokenizer.save_pretrained(tmp_path / "tok")
     dp_size = world_size // sp_size
     Dataset.from_list(_rows(dp_size)).save_to_disk(tmp_path / "data")
-    per_rank = launch(_worker, world_size, tmp_path, args=(sp_size, str(tmp_path / "tok"), str(tmp_path / "data")),
-                      timeout=300)
+    per_rank = launch(
+        _worker, world_size, tmp_path, args=(sp_size, str(tmp_path / "tok"), str(tmp_path / "data")), timeout=300
+    )
     losses, metrics, grads = _unsplit(tokenizer, dp_size, tmp_path)
     for name in SCENARIOS:
         for rank, result in enumerate(per_rank):
@@ -174,7 +209,12 @@ def test_trainer_split_equals_unsplit(tokenizer, tmp_path, world_size, sp_size):
             assert _close(r["loss"], losses[group]), (name, rank, r["loss"], losses[group])
             for key in LOSS_METRICS + TOKEN_METRICS:
                 assert _close(r["metrics"][key], metrics[key], _metric_scale(key, metrics)), (
-                    name, rank, key, r["metrics"][key], metrics[key])
+                    name,
+                    rank,
+                    key,
+                    r["metrics"][key],
+                    metrics[key],
+                )
             got = torch.load(tmp_path / f"grads_{name}_rank{rank}.pt")
             assert got.keys() == grads.keys() and len(got) > 10
             for param in grads:

@@ -29,30 +29,38 @@ def test_precompute_matches_on_the_fly_and_reuses_cache(tokenizer, tiny_model, t
     Dataset.from_list(_rows()).save_to_disk(tmp_path / "data")
     dataset = load_from_disk(str(tmp_path / "data"))
     on_the_fly = LongPOTrainer(
-        model=clone(tiny_model), args=longpo_args(tmp_path, per_device_train_batch_size=8),
-        train_dataset=dataset, processing_class=tokenizer,
+        model=clone(tiny_model),
+        args=longpo_args(tmp_path, per_device_train_batch_size=8),
+        train_dataset=dataset,
+        processing_class=tokenizer,
     )
     calls = []
     original = LongPOTrainer.compute_ref_log_probs
-    monkeypatch.setattr(LongPOTrainer, "compute_ref_log_probs", lambda self, m, b: calls.append(1) or original(self, m, b))
+    monkeypatch.setattr(
+        LongPOTrainer, "compute_ref_log_probs", lambda self, m, b: calls.append(1) or original(self, m, b)
+    )
     precomputed = LongPOTrainer(
         model=clone(tiny_model),
-        args=longpo_args(tmp_path, precompute_ref_log_probs=True, precompute_ref_batch_size=3,
-                         per_device_train_batch_size=8),
-        train_dataset=dataset, processing_class=tokenizer,
+        args=longpo_args(
+            tmp_path, precompute_ref_log_probs=True, precompute_ref_batch_size=3, per_device_train_batch_size=8
+        ),
+        train_dataset=dataset,
+        processing_class=tokenizer,
     )
     assert precomputed.ref_model is None and len(calls) == 3  # ceil(8 rows / 3)
     assert "ref_chosen_logps" in precomputed.train_dataset.column_names
     assert _first_batch_loss(precomputed) == pytest.approx(_first_batch_loss(on_the_fly), abs=1e-5)
     for metric in ("logps/ref_chosen", "logps/ref_rejected", "rewards/margins"):
-        assert precomputed._metrics["train"][metric][-1] == pytest.approx(on_the_fly._metrics["train"][metric][-1],
-                                                                         abs=1e-5)
+        assert precomputed._metrics["train"][metric][-1] == pytest.approx(
+            on_the_fly._metrics["train"][metric][-1], abs=1e-5
+        )
     # Second run on the same data and model: served from the cache file, no reference forward
     calls.clear()
     again = LongPOTrainer(
         model=clone(tiny_model),
         args=longpo_args(tmp_path, precompute_ref_log_probs=True, precompute_ref_batch_size=3),
-        train_dataset=dataset, processing_class=tokenizer,
+        train_dataset=dataset,
+        processing_class=tokenizer,
     )
     assert calls == []
     assert again.train_dataset["ref_chosen_logps"] == precomputed.train_dataset["ref_chosen_logps"]
@@ -61,8 +69,15 @@ def test_precompute_matches_on_the_fly_and_reuses_cache(tokenizer, tiny_model, t
 def test_training_decreases_loss_and_reloads(tokenizer, tiny_model, tmp_path):
     trainer = LongPOTrainer(
         model=tiny_model,
-        args=longpo_args(tmp_path, learning_rate=3e-3, warmup_steps=0, lr_scheduler_type="constant", max_steps=8,
-                         per_device_train_batch_size=8, dpo_weight=1.0),
+        args=longpo_args(
+            tmp_path,
+            learning_rate=3e-3,
+            warmup_steps=0,
+            lr_scheduler_type="constant",
+            max_steps=8,
+            per_device_train_batch_size=8,
+            dpo_weight=1.0,
+        ),
         train_dataset=Dataset.from_list(_rows()),
         processing_class=tokenizer,
     )
@@ -95,8 +110,16 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(tokenizer, tiny_model,
     def run(output_dir, max_steps, resume=None, interrupt=False):
         trainer = LongPOTrainer(
             model=clone(tiny_model),
-            args=longpo_args(tmp_path, output_dir=str(output_dir), learning_rate=1e-3, max_steps=max_steps,
-                             per_device_train_batch_size=2, save_strategy="steps", save_steps=2, num_train_epochs=2),
+            args=longpo_args(
+                tmp_path,
+                output_dir=str(output_dir),
+                learning_rate=1e-3,
+                max_steps=max_steps,
+                per_device_train_batch_size=2,
+                save_strategy="steps",
+                save_steps=2,
+                num_train_epochs=2,
+            ),
             train_dataset=Dataset.from_list(_rows()),
             processing_class=tokenizer,
             callbacks=[Interrupt()] if interrupt else None,
@@ -118,11 +141,17 @@ def test_peft_reference_is_the_base_model_on_the_short_prompt(tokenizer, tiny_mo
     from peft import LoraConfig
 
     rows = make_rows(3)
-    full = LongPOTrainer(model=clone(tiny_model), args=longpo_args(tmp_path), train_dataset=Dataset.from_list(rows),
-                         processing_class=tokenizer)
+    full = LongPOTrainer(
+        model=clone(tiny_model),
+        args=longpo_args(tmp_path),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
+    )
     lora = LongPOTrainer(
-        model=clone(tiny_model), args=longpo_args(tmp_path, learning_rate=1e-2, max_steps=2),
-        train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+        model=clone(tiny_model),
+        args=longpo_args(tmp_path, learning_rate=1e-2, max_steps=2),
+        train_dataset=Dataset.from_list(rows),
+        processing_class=tokenizer,
         peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
     )
     assert lora.ref_model is None  # the reference is the base model with the adapter disabled
@@ -141,8 +170,11 @@ def test_peft_reference_is_the_base_model_on_the_short_prompt(tokenizer, tiny_mo
 def test_evaluate_reports_longpo_metrics(tokenizer, tiny_model, tmp_path):
     rows = make_rows(4)
     trainer = LongPOTrainer(
-        model=tiny_model, args=longpo_args(tmp_path, eval_strategy="no", per_device_eval_batch_size=2),
-        train_dataset=Dataset.from_list(rows), eval_dataset=Dataset.from_list(rows[:2]), processing_class=tokenizer,
+        model=tiny_model,
+        args=longpo_args(tmp_path, eval_strategy="no", per_device_eval_batch_size=2),
+        train_dataset=Dataset.from_list(rows),
+        eval_dataset=Dataset.from_list(rows[:2]),
+        processing_class=tokenizer,
     )
     metrics = trainer.evaluate()
     for key in ("eval_loss", "eval_longpo_loss", "eval_nll_loss", "eval_logps/ref_chosen", "eval_rewards/margins"):

@@ -11,8 +11,12 @@ from trl.trainer.utils import pad
 
 
 def _pad(rows: list[list[int]], value: int, multiple: int | None) -> torch.Tensor:
-    return pad([torch.tensor(r, dtype=torch.long) for r in rows], padding_value=value, padding_side="right",
-               pad_to_multiple_of=multiple)
+    return pad(
+        [torch.tensor(r, dtype=torch.long) for r in rows],
+        padding_value=value,
+        padding_side="right",
+        pad_to_multiple_of=multiple,
+    )
 
 
 @dataclass

@@ -188,7 +188,9 @@ class LongPOConfig(DPOConfig):
         if self.use_weighting:
             problems.append("`use_weighting` (WPO) is not supported by LongPO.")
         if self.f_divergence_type != "reverse_kl":
-            problems.append("LongPO's short-to-long constraint is a reverse KL: leave `f_divergence_type='reverse_kl'`.")
+            problems.append(
+                "LongPO's short-to-long constraint is a reverse KL: leave `f_divergence_type='reverse_kl'`."
+            )
         if self.sync_ref_model:
             problems.append(
                 "`sync_ref_model` (TR-DPO) conflicts with LongPO: the reference must stay the frozen short-context "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -35,48 +36,95 @@ def check_causal_lm(model: nn.Module, role: str = "model") -> None:
         )
 
 
+@dataclass
+class RopeState:
+    """A model's RoPE settings: the config dicts and each rotary module's cached frequencies and scaling."""
+
+    params: list[tuple[object, dict]]
+    buffers: list[tuple[nn.Module, torch.Tensor, torch.Tensor | None, float]]
+
+
 def _rotary_modules(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    return [
+        m
+        for m in model.modules()
+        if isinstance(getattr(m, "inv_freq", None), torch.Tensor) and hasattr(m, "rope_type") and hasattr(m, "config")
+    ]
 
 
-def set_rope_theta(model: nn.Module, theta: float) -> dict[nn.Module, tuple[torch.Tensor, float]]:
-    """Give `model` RoPE base `theta` (config and cached frequencies). Returns the previous buffers for restoring."""
-    config = model.config.get_text_config()
-    params = dict(getattr(config, "rope_parameters", None) or {})
-    if "rope_theta" not in params:
-        raise ValueError(
-            f"`policy_rope_theta` is set but {type(model).__name__}'s config has no `rope_parameters['rope_theta']`; "
-            "the model does not use RoPE in a form LongPO can rescale."
-        )
+def _snapshot(modules: list[nn.Module]) -> RopeState:
+    configs = {id(m.config): m.config for m in modules}
+    return RopeState(
+        params=[(cfg, dict(cfg.rope_parameters)) for cfg in configs.values()],
+        buffers=[(m, m.inv_freq.clone(), getattr(m, "original_inv_freq", None), m.attention_scaling) for m in modules],
+    )
+
+
+def _restore(state: RopeState) -> None:
+    for cfg, params in state.params:
+        cfg.rope_parameters = dict(params)
+    for module, inv_freq, original, scaling in state.buffers:
+        module.inv_freq.copy_(inv_freq)
+        if original is not None:
+            module.original_inv_freq.copy_(original)
+        module.attention_scaling = scaling
+
+
+def set_rope_theta(model: nn.Module, theta: float) -> RopeState:
+    """Give `model` RoPE base `theta` (config and cached frequencies, recomputed by the module's own RoPE init).
+
+    Returns the previous state, for `restored_rope` / `rope_theta_override`.
+    """
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     modules = _rotary_modules(model)
-    if not modules:
-        raise ValueError(f"`policy_rope_theta` is set but {type(model).__name__} has no rotary embedding module.")
-    previous = {m: (m.inv_freq.clone(), getattr(m, "attention_scaling", 1.0)) for m in modules}
-    params["rope_theta"] = float(theta)
-    config.rope_parameters = params
+    if not modules or "rope_theta" not in (getattr(modules[0].config, "rope_parameters", None) or {}):
+        raise ValueError(
+            f"a RoPE theta was requested but {type(model).__name__} has no rotary embedding with "
+            "`config.rope_parameters['rope_theta']`; the model does not use RoPE in a form that can be rescaled."
+        )
+    previous = _snapshot(modules)
+    for cfg, params in previous.params:
+        cfg.rope_parameters = {**params, "rope_theta": float(theta)}
     for module in modules:
-        fresh = type(module)(config=module.config if getattr(module, "config", None) is not None else config)
-        module.inv_freq = fresh.inv_freq.to(module.inv_freq.device)
-        if hasattr(module, "original_inv_freq"):
-            module.original_inv_freq = fresh.original_inv_freq.to(module.inv_freq.device)
-        module.attention_scaling = fresh.attention_scaling
+        init = (
+            module.compute_default_rope_parameters
+            if module.rope_type == "default"
+            else ROPE_INIT_FUNCTIONS[module.rope_type]
+        )
+        inv_freq, scaling = init(module.config, device=module.inv_freq.device)
+        module.inv_freq.copy_(inv_freq.to(module.inv_freq.dtype))
+        if getattr(module, "original_inv_freq", None) is not None:
+            module.original_inv_freq.copy_(inv_freq.to(module.original_inv_freq.dtype))
+        module.attention_scaling = scaling
     return previous
 
 
 @contextlib.contextmanager
-def rope_frequencies(saved: dict[nn.Module, tuple[torch.Tensor, float]] | None) -> Iterator[None]:
-    """Temporarily put back saved RoPE frequencies (reference pass through a PEFT policy with adapters disabled)."""
-    if not saved:
+def restored_rope(saved: RopeState | None) -> Iterator[None]:
+    """Temporarily put back a saved RoPE state (reference pass through a PEFT policy with adapters disabled)."""
+    if saved is None:
         yield
         return
-    current = {m: (m.inv_freq, m.attention_scaling) for m in saved}
+    current = _snapshot([module for module, *_ in saved.buffers])
+    _restore(saved)
     try:
-        for module, (inv_freq, scaling) in saved.items():
-            module.inv_freq, module.attention_scaling = inv_freq.to(module.inv_freq.device), scaling
         yield
     finally:
-        for module, (inv_freq, scaling) in current.items():
-            module.inv_freq, module.attention_scaling = inv_freq, scaling
+        _restore(current)
+
+
+@contextlib.contextmanager
+def rope_theta_override(model: nn.Module, theta: float | None) -> Iterator[None]:
+    """Temporarily run `model` with RoPE base `theta` (e.g. the long-prompt generation pass), then restore it."""
+    if theta is None:
+        yield
+        return
+    previous = set_rope_theta(model, theta)
+    try:
+        yield
+    finally:
+        _restore(previous)
 
 
 def rope_theta(model: nn.Module) -> float | None:

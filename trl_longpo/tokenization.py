@@ -107,7 +107,9 @@ def _completion_mask(
     """1 on the tokens of each assistant answer of `prompt + completion`, 0 elsewhere (multi-turn conversations)."""
     mask = [0] * len(full_ids)
     for k in turns:
-        before = _tokenize(processing_class, prompt + completion[:k], add_generation_prompt=True, **kwargs)["input_ids"]
+        before = _tokenize(processing_class, prompt + completion[:k], add_generation_prompt=True, **kwargs)[
+            "input_ids"
+        ]
         upto = _tokenize(processing_class, prompt + completion[: k + 1], **kwargs)["input_ids"]
         start = common_prefix_length(before, upto)
         end = common_prefix_length(upto, full_ids)

@@ -18,7 +18,7 @@ from trl.trainer.utils import get_config_model_id, global_then_local_main_first,
 
 from .collator import DataCollatorForLongPO
 from .config import LongPOConfig
-from .modeling import check_causal_lm, rope_frequencies, set_rope_theta
+from .modeling import check_causal_lm, restored_rope, set_rope_theta
 from .tokenization import TOKENIZED_COLUMNS, LongPODataError, check_columns, row_lengths, tokenize_row
 
 logger = logging.get_logger(__name__)
@@ -128,7 +128,9 @@ class LongPOTrainer(DPOTrainer):
 
         if processing_class is None:
             source = model if isinstance(model, str) else get_config_model_id(model.config)
-            revision = (args.model_init_kwargs or {}).get("revision") if isinstance(args.model_init_kwargs, dict) else None
+            revision = (
+                (args.model_init_kwargs or {}).get("revision") if isinstance(args.model_init_kwargs, dict) else None
+            )
             processing_class = AutoProcessor.from_pretrained(
                 source, revision=revision, trust_remote_code=args.trust_remote_code
             )
@@ -226,9 +228,15 @@ class LongPOTrainer(DPOTrainer):
         dp_size = self._sp.mesh.dp_size if self._sp is not None else args.world_size
         return self._train_batch_size * args.gradient_accumulation_steps * dp_size // self.get_tp_size()
 
-    def _get_dataloader(self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None):
+    def _get_dataloader(
+        self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None
+    ):
         dataloader = super()._get_dataloader(
-            dataset, description, batch_size, sampler_fn=sampler_fn, is_training=is_training,
+            dataset,
+            description,
+            batch_size,
+            sampler_fn=sampler_fn,
+            is_training=is_training,
             dataloader_key=dataloader_key,
         )
         if self._sp is not None:
@@ -271,12 +279,16 @@ class LongPOTrainer(DPOTrainer):
 
         if isinstance(dataset, IterableDataset):
             if args.truncation_mode == "drop":
-                logger.warning(f"Rows of the streamed {dataset_name} dataset longer than {max_length} tokens are dropped.")
+                logger.warning(
+                    f"Rows of the streamed {dataset_name} dataset longer than {max_length} tokens are dropped."
+                )
                 return dataset.filter(lambda ex: not too_long(ex))
 
             def check(example, index):
                 if too_long(example):
-                    raise LongPODataError(_over_length_message(dataset_name, [(index, row_lengths(example))], 1, max_length))
+                    raise LongPODataError(
+                        _over_length_message(dataset_name, [(index, row_lengths(example))], 1, max_length)
+                    )
                 return example
 
             return dataset.map(check, with_indices=True)
@@ -309,7 +321,13 @@ class LongPOTrainer(DPOTrainer):
 
     # -------------------------------------------------------------------------------------------- scoring
     def _row_sums(
-        self, model, input_ids, attention_mask, masks: list[torch.Tensor], fields: tuple[str, ...], split: bool,
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        masks: list[torch.Tensor],
+        fields: tuple[str, ...],
+        split: bool,
         **model_kwargs,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Per-row sums of per-token values (log-probs, entropy, top-1) over several token masks, from one forward.
@@ -323,13 +341,23 @@ class LongPOTrainer(DPOTrainer):
             from .sequence_parallel import sp_fused_row_sums
 
             sums, counts = sp_fused_row_sums(
-                model, input_ids, label_sets, attention_mask, context=self._sp,
-                pad_token_id=self._tokenizer.pad_token_id, fields=fields, **model_kwargs,
+                model,
+                input_ids,
+                label_sets,
+                attention_mask,
+                context=self._sp,
+                pad_token_id=self._tokenizer.pad_token_id,
+                fields=fields,
+                **model_kwargs,
             )
             return sums, counts, None
         outputs = model(
-            input_ids=input_ids, attention_mask=attention_mask, labels=label_sets[0], fused_lm_head=True,
-            use_cache=False, **model_kwargs,
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=label_sets[0],
+            fused_lm_head=True,
+            use_cache=False,
+            **model_kwargs,
         )
         seq_len = input_ids.size(1) - 1
         shifted = [m[:, 1:] for m in masks]
@@ -353,12 +381,16 @@ class LongPOTrainer(DPOTrainer):
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
             context,
-            rope_frequencies(self._reference_rope if model is self.model else None),
+            restored_rope(self._reference_rope if model is self.model else None),
             self.accelerator.autocast(),
         ):
             sums, _, _ = self._row_sums(
-                model, inputs["ref_input_ids"], inputs["ref_attention_mask"], [inputs["ref_completion_mask"]],
-                ("log_probs",), split,
+                model,
+                inputs["ref_input_ids"],
+                inputs["ref_attention_mask"],
+                [inputs["ref_completion_mask"]],
+                ("log_probs",),
+                split,
             )
         rows = sums.new_zeros(inputs["input_ids"].size(0))
         rows.index_add_(0, inputs["ref_row_index"], sums[0, 0])
@@ -386,7 +418,13 @@ class LongPOTrainer(DPOTrainer):
         fields = ("log_probs", "entropy", "is_top1")
         extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
         sums, counts, aux_loss = self._row_sums(
-            model, input_ids, attention_mask, [scored, completion_mask, nll_mask], fields, self._sp is not None, **extra
+            model,
+            input_ids,
+            attention_mask,
+            [scored, completion_mask, nll_mask],
+            fields,
+            self._sp is not None,
+            **extra,
         )
         chosen_logps, rejected_logps = sums[0, 1].chunk(2, dim=0)
 
@@ -411,8 +449,16 @@ class LongPOTrainer(DPOTrainer):
             self._metrics[mode]["aux_loss"].append(self._gather(aux_loss.detach()).mean().item())
 
         self._log_metrics(
-            mode, inputs, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, longpo_loss, nll_loss,
-            answer_entropy=sums[1, 1, :batch_size].sum(), answer_top1=sums[2, 1, :batch_size].sum(),
+            mode,
+            inputs,
+            chosen_logps,
+            rejected_logps,
+            ref_chosen_logps,
+            ref_rejected_logps,
+            longpo_loss,
+            nll_loss,
+            answer_entropy=sums[1, 1, :batch_size].sum(),
+            answer_top1=sums[2, 1, :batch_size].sum(),
             answer_tokens=counts[1, :batch_size].sum(),
         )
         if return_outputs:
@@ -435,8 +481,18 @@ class LongPOTrainer(DPOTrainer):
         return torch.cat(parts)
 
     def _log_metrics(
-        self, mode, inputs, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, longpo_loss, nll_loss,
-        answer_entropy, answer_top1, answer_tokens,
+        self,
+        mode,
+        inputs,
+        chosen_logps,
+        rejected_logps,
+        ref_chosen_logps,
+        ref_rejected_logps,
+        longpo_loss,
+        nll_loss,
+        answer_entropy,
+        answer_top1,
+        answer_tokens,
     ) -> None:
         gather = self._gather
         metrics = self._metrics[mode]

@@ -11,10 +11,11 @@ import functools
 import gc
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from ..modeling import rope_theta_override
 
 
 @dataclass(frozen=True)
@@ -54,54 +55,6 @@ class GenerationBackend(ABC):
 def _model_max_positions(config) -> int | None:
     config = getattr(config, "text_config", None) or config
     return getattr(config, "max_position_embeddings", None)
-
-
-@contextmanager
-def rope_theta_override(model, theta: float | None) -> Iterator[None]:
-    """Temporarily run `model` with RoPE base `theta`, then restore it exactly.
-
-    transformers 5 keeps the base in `config.rope_parameters["rope_theta"]`, and each rotary module caches `inv_freq`
-    (and `original_inv_freq`) computed at construction, so both the config and the cached buffers are swapped.
-    """
-    if theta is None:
-        yield
-        return
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-    rotary = [
-        m for m in model.modules() if hasattr(m, "inv_freq") and hasattr(m, "rope_type") and hasattr(m, "config")
-    ]
-    if not rotary:
-        raise ValueError(f"long_rope_theta is set but {type(model).__name__} has no rotary embedding module to patch.")
-    saved_buffers = [
-        (m, m.inv_freq.clone(), getattr(m, "original_inv_freq", None), m.attention_scaling) for m in rotary
-    ]
-    configs = {id(m.config): m.config for m in rotary}
-    saved_params = {key: dict(cfg.rope_parameters) for key, cfg in configs.items()}
-    try:
-        for cfg in configs.values():
-            cfg.rope_parameters["rope_theta"] = float(theta)
-        for module in rotary:
-            init = (
-                module.compute_default_rope_parameters
-                if module.rope_type == "default"
-                else ROPE_INIT_FUNCTIONS[module.rope_type]
-            )
-            inv_freq, scaling = init(module.config, device=module.inv_freq.device)
-            module.inv_freq.copy_(inv_freq.to(module.inv_freq.dtype))
-            if getattr(module, "original_inv_freq", None) is not None:
-                module.original_inv_freq.copy_(inv_freq.to(module.original_inv_freq.dtype))
-            module.attention_scaling = scaling
-        yield
-    finally:
-        for key, cfg in configs.items():
-            cfg.rope_parameters.clear()
-            cfg.rope_parameters.update(saved_params[key])
-        for module, inv_freq, original, scaling in saved_buffers:
-            module.inv_freq.copy_(inv_freq)
-            if original is not None:
-                module.original_inv_freq.copy_(original)
-            module.attention_scaling = scaling
 
 
 class _PerRowSampler:
