@@ -137,6 +137,12 @@ class LongPOTrainer(DPOTrainer):
         tokenizer = processing_class.tokenizer if isinstance(processing_class, ProcessorMixin) else processing_class
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
+        if args.sequence_parallel_size > 1:
+            ring_reference = ref_model if args.sequence_parallel_reference == "ring" else None
+            reference_is_policy = ref_model is None and (
+                peft_config is not None or (not isinstance(model, str) and _is_peft_model(model))
+            )
+            self._check_sequence_parallel(args, (model, ring_reference), train_dataset, reference_is_policy)
         if data_collator is None:
             data_collator = DataCollatorForLongPO(
                 pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of
@@ -169,44 +175,55 @@ class LongPOTrainer(DPOTrainer):
         if args.sequence_parallel_size > 1:
             self._setup_sequence_parallel(args)
 
-    def _setup_sequence_parallel(self, args: LongPOConfig) -> None:
-        """Build the dp × sp mesh and switch the policy (and a ring reference) to ring attention."""
+    def _check_sequence_parallel(
+        self, args: LongPOConfig, models: tuple, train_dataset, reference_is_policy: bool
+    ) -> None:
+        """Refuse what sequence parallelism cannot run. Called before DPOTrainer's set-up (which may run a long
+        reference precompute) with what is known then, and again once the models are loaded."""
         import torch.distributed as dist
 
-        from .sequence_parallel import (
-            SequenceParallelContext,
-            check_model_for_sequence_parallel,
-            check_sp_size,
-            init_sequence_parallel_mesh,
-            prepare_model_for_sequence_parallel,
-        )
+        from .sequence_parallel import check_model_for_sequence_parallel, check_sp_size
 
-        for model in (self.model, self.ref_model if args.sequence_parallel_reference == "ring" else None):
-            if model is not None:
+        for model in models:
+            if isinstance(model, torch.nn.Module):
                 check_model_for_sequence_parallel(model, args.ring_heads_k_stride, args.ring_ignore_sliding_window)
-        if isinstance(self.train_dataset, IterableDataset):
-            raise ValueError(
-                "Sequence parallelism needs a map-style `Dataset`: every rank of an SP group must read the same rows, "
-                "which an `IterableDataset` split by accelerate does not guarantee."
-            )
-        if self.aux_loss_enabled:
-            raise ValueError("The MoE router auxiliary loss is not supported with sequence parallelism yet.")
-        if args.sequence_parallel_reference == "local" and not self.precompute_ref_logps and self.ref_model is None:
+        if args.sequence_parallel_reference == "local" and reference_is_policy and not args.precompute_ref_log_probs:
             raise ValueError(
                 "`sequence_parallel_reference='local'` scores the short inputs with a separate reference model, but "
                 "the reference here is the policy itself (PEFT with disabled adapters). Use 'ring', pass `ref_model`, "
                 "or set `precompute_ref_log_probs=True`."
             )
+        if isinstance(train_dataset, IterableDataset):
+            raise ValueError(
+                "Sequence parallelism needs a map-style `Dataset`: every rank of an SP group must read the same rows, "
+                "which an `IterableDataset` split by accelerate does not guarantee."
+            )
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         check_sp_size(world_size, args.sequence_parallel_size)  # clear error for world % sp != 0 (incl. world 1)
-        if self.accelerator.num_processes != world_size:
+        accelerate_processes = args.distributed_state.num_processes
+        if accelerate_processes != world_size:
             # e.g. `accelerate launch --multi_gpu` on a machine without GPUs: the process group exists, but accelerate
             # runs every process as a single-process job and would not shard data or synchronise gradients
             raise ValueError(
-                f"torch.distributed has {world_size} processes but accelerate runs {self.accelerator.num_processes} "
-                f"({self.accelerator.distributed_type}). On a CPU-only machine set `use_cpu=True` (accelerate then "
-                "uses gloo across the processes)."
+                f"torch.distributed has {world_size} processes but accelerate runs {accelerate_processes} "
+                f"({args.distributed_state.distributed_type}). On a CPU-only machine set `use_cpu=True` (accelerate "
+                "then uses gloo across the processes)."
             )
+
+    def _setup_sequence_parallel(self, args: LongPOConfig) -> None:
+        """Build the dp × sp mesh and switch the policy (and a ring reference) to ring attention."""
+        from .sequence_parallel import (
+            SequenceParallelContext,
+            init_sequence_parallel_mesh,
+            prepare_model_for_sequence_parallel,
+        )
+
+        ring_reference = self.ref_model if args.sequence_parallel_reference == "ring" else None
+        self._check_sequence_parallel(
+            args, (self.model, ring_reference), self.train_dataset, reference_is_policy=self.ref_model is None
+        )
+        if self.aux_loss_enabled:
+            raise ValueError("The MoE router auxiliary loss is not supported with sequence parallelism yet.")
         mesh = init_sequence_parallel_mesh(args.sequence_parallel_size, device_type=self.accelerator.device.type)
         self._sp = SequenceParallelContext(
             mesh,
