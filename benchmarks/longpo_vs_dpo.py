@@ -79,11 +79,13 @@ import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import warnings
 import weakref
 from pathlib import Path
+
+# Shared with the sequence-parallel benchmark (same folder; scripts run with it on sys.path)
+from sp_memory import PeakRSS, _malloc_trim, fmt_len, parse_length  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -176,57 +178,6 @@ class SavedActivations:
             raise RuntimeError("the step never called accelerator.backward")
 
 
-def _read_status_kib(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise KeyError(key)
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: reset VmHWM to the current RSS
-        return True
-    except OSError:
-        return False
-
-
-def _malloc_trim() -> None:
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
-class PeakRSS:
-    """Peak RSS during a block minus the RSS at its start (bytes)."""
-
-    def __init__(self):
-        import psutil
-
-        self.process = psutil.Process()
-        self.use_hwm = _reset_hwm()
-        self.start_rss = self.process.memory_info().rss
-        self.peak = self.start_rss
-        self._stop = threading.Event()
-        self._thread = None
-        if not self.use_hwm:
-            self._thread = threading.Thread(target=self._sample, daemon=True)
-            self._thread.start()
-
-    def _sample(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.process.memory_info().rss)
-
-    def stop(self) -> int:
-        if self._thread is not None:
-            self._stop.set()
-            self._thread.join()
-        else:
-            self.peak = _read_status_kib("VmHWM") * 1024
-        return max(0, self.peak - self.start_rss)
-
-
 # A timed sample is "clean" when the process got at least this share of its threads' CPU time (process CPU seconds
 # >= CLEAN_UTILISATION x torch threads x wall seconds). Uncontended steps here use 1.8-2.0 CPU-s per wall-s with 2
 # threads; when the host takes a core away, the two OpenMP threads share one (1.0 CPU-s per wall-s) and spin-wait on
@@ -266,15 +217,6 @@ def _clean() -> None:
 # ------------------------------------------------------------------------------------------------------------------
 # Rows
 # ------------------------------------------------------------------------------------------------------------------
-
-
-def parse_length(text: str) -> int:
-    text = text.strip().upper()
-    return int(float(text[:-1]) * 1024) if text.endswith("K") else int(text)
-
-
-def fmt_len(n: int) -> str:
-    return f"{n // 1024}K" if n % 1024 == 0 else str(n)
 
 
 class RowBuilder:
