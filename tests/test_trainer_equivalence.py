@@ -13,7 +13,16 @@ from trl import DPOConfig, DPOTrainer
 from trl_longpo import LongPOTrainer
 
 
-def _dpo_trainer(model, tokenizer, rows, tmp_path, **config):
+def _perturbed(model):
+    """A policy that differs from the reference, so that losses are not the trivial log 2."""
+    policy = clone(model)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    return policy
+
+
+def _dpo_trainer(model, tokenizer, rows, tmp_path, ref_model=None, **config):
     args = DPOConfig(
         output_dir=str(tmp_path / "dpo"),
         report_to="none",
@@ -28,7 +37,7 @@ def _dpo_trainer(model, tokenizer, rows, tmp_path, **config):
     # DPOTrainer would reload the reference from `config._name_or_path`, which a model built in memory lacks
     return DPOTrainer(
         model=model,
-        ref_model=clone(model),
+        ref_model=clone(model) if ref_model is None else ref_model,
         args=args,
         train_dataset=Dataset.from_list(dpo_rows),
         processing_class=tokenizer,
@@ -82,24 +91,14 @@ def _assert_inputs_and_run(longpo, dpo):
 def test_reduces_to_dpo_away_from_reference(tokenizer, tiny_model, tmp_path, conversational):
     """Same check with a policy that differs from the reference, so the loss is not the trivial log 2."""
     rows = make_rows(3, conversational=conversational, short_equals_long=True, seed=1)
-    policy = clone(tiny_model)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    dpo = DPOTrainer(
-        model=clone(policy),
+    policy = _perturbed(tiny_model)
+    dpo = _dpo_trainer(
+        clone(policy),
+        tokenizer,
+        rows,
+        tmp_path,
         ref_model=clone(tiny_model),
-        args=DPOConfig(
-            output_dir=str(tmp_path / "dpo"),
-            report_to="none",
-            bf16=False,
-            gradient_checkpointing=False,
-            max_length=None,
-            beta=0.5,
-            disable_tqdm=True,
-        ),
-        train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
-        processing_class=tokenizer,
+        beta=0.5,
     )
     longpo = LongPOTrainer(
         model=clone(policy),
@@ -175,26 +174,16 @@ def test_nll_scopes_match_definition(tokenizer, tiny_model, tmp_path, scope):
 
 def test_completion_nll_equals_dpo_sigmoid_plus_sft(tokenizer, tiny_model, tmp_path):
     rows = make_rows(4, short_equals_long=True, seed=2)
-    policy = clone(tiny_model)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.02 * torch.randn_like(p))
+    policy = _perturbed(tiny_model)
     dpo_weight, nll_weight = 0.3, 0.7
-    dpo = DPOTrainer(
-        model=clone(policy),
+    dpo = _dpo_trainer(
+        clone(policy),
+        tokenizer,
+        rows,
+        tmp_path,
         ref_model=clone(tiny_model),
-        args=DPOConfig(
-            output_dir=str(tmp_path / "dpo"),
-            report_to="none",
-            bf16=False,
-            gradient_checkpointing=False,
-            max_length=None,
-            loss_type=["sigmoid", "sft"],
-            loss_weights=[dpo_weight, nll_weight],
-            disable_tqdm=True,
-        ),
-        train_dataset=Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows]),
-        processing_class=tokenizer,
+        loss_type=["sigmoid", "sft"],
+        loss_weights=[dpo_weight, nll_weight],
     )
     longpo = LongPOTrainer(
         model=clone(policy),
