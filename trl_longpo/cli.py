@@ -4,6 +4,8 @@
     trl-longpo demo [--output DIR]                       tiny model -> data -> LongPOTrainer, offline on a CPU
     trl-longpo merge OUT                                 join the shards of a --world_size run into OUT/dataset
     trl-longpo tiny-model DIR                            save the tiny offline model and tokenizer to DIR
+    trl-longpo convert-gguf FILE DIR                     turn a GGUF checkpoint into a normal model directory
+    trl-longpo plot OUTPUT_DIR [--output PNG]            training curves (loss, rewards, retention) into a PNG
 
 Every `generate` option is a field of `trl_longpo.data.GenerationConfig` (see `trl-longpo generate --help`).
 """
@@ -19,6 +21,8 @@ COMMANDS = {
     "demo": "Offline end-to-end demo: tiny model -> generated data -> LongPOTrainer (a few CPU minutes).",
     "merge": "Merge the per-rank shards of a multi-process `generate` run.",
     "tiny-model": "Save the tiny offline model and tokenizer to a directory.",
+    "convert-gguf": "Dequantise a GGUF checkpoint once into a normal model directory (loads like a hub model).",
+    "plot": "Plot a run's training curves (loss terms, rewards, long/short retention) from trainer_state.json.",
 }
 
 
@@ -81,18 +85,53 @@ def _tiny_model(argv: list[str]) -> int:
     return 0
 
 
+def _convert_gguf(argv: list[str]) -> int:
+    from trl_longpo.gguf import convert_gguf
+
+    parser = argparse.ArgumentParser(prog="trl-longpo convert-gguf", description=COMMANDS["convert-gguf"])
+    parser.add_argument("gguf_file", help="The .gguf file (e.g. from llama.cpp or a hub repo).")
+    parser.add_argument("output", help="Directory to write (config.json, model.safetensors, tokenizer).")
+    parser.add_argument("--overwrite", action="store_true", help="Replace an earlier conversion in OUTPUT.")
+    args = parser.parse_args(argv)
+    print(convert_gguf(args.gguf_file, args.output, overwrite=args.overwrite))
+    return 0
+
+
+def _plot(argv: list[str]) -> int:
+    from trl_longpo.plotting import plot_training
+
+    parser = argparse.ArgumentParser(prog="trl-longpo plot", description=COMMANDS["plot"])
+    parser.add_argument("run", help="A training output_dir (or its trainer_state.json).")
+    parser.add_argument("--output", default=None, help="PNG path (default: RUN/training_curves.png).")
+    args = parser.parse_args(argv)
+    try:
+        print(plot_training(args.run, args.output))
+    except (FileNotFoundError, ValueError) as exc:  # no state file / nothing logged: one line, not a traceback
+        print(f"trl-longpo plot: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    handlers = {"generate": _generate, "demo": _demo, "merge": _merge, "tiny-model": _tiny_model}
+    handlers = {
+        "generate": _generate,
+        "demo": _demo,
+        "merge": _merge,
+        "tiny-model": _tiny_model,
+        "convert-gguf": _convert_gguf,
+        "plot": _plot,
+    }
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in handlers:
-        lines = [f"  {name:<11} {text}" for name, text in COMMANDS.items()]
+        lines = [f"  {name:<13} {text}" for name, text in COMMANDS.items()]
         print("usage: trl-longpo {" + ",".join(COMMANDS) + "} [options]\n\ncommands:\n" + "\n".join(lines))
         return 0 if argv and argv[0] in {"-h", "--help"} else 2
     from trl_longpo.data import DataConfigError, DocumentsError, SettingsMismatchError
+    from trl_longpo.gguf import GGUFError
 
     try:
         return handlers[argv[0]](argv[1:])
-    except (DataConfigError, DocumentsError, SettingsMismatchError) as exc:
+    except (DataConfigError, DocumentsError, SettingsMismatchError, GGUFError) as exc:
         print(f"trl-longpo {argv[0]}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,84 @@
+"""`trl-longpo plot OUTPUT_DIR`: the training curves of a run, from its `trainer_state.json`, into one PNG.
+
+Panels: loss terms, rewards, long-context probe accuracy per length (`eval_long/acc@L`) and short-context retention
+(`eval_short/*`), the last two logged by the retention callback. Panels without data are left out, so a run without
+retention monitoring still plots. matplotlib is an optional extra (`pip install trl-longpo[demo]`).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+PANELS: dict[str, tuple[str, ...]] = {
+    "loss": ("loss", "longpo_loss", "nll_loss"),
+    "rewards": ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"),
+    "long-context probe accuracy": (r"eval_long/acc@\d+",),
+    "short-context retention": ("eval_short/logp_drift", "eval_short/kl", r"eval_short/acc@\d+"),
+}
+
+
+def find_trainer_state(path: str | Path) -> Path:
+    """`path` itself, `path/trainer_state.json`, or the one in the newest `checkpoint-N` below it."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if (path / "trainer_state.json").is_file():
+        return path / "trainer_state.json"
+    checkpoints = sorted(path.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
+    if checkpoints:
+        return checkpoints[-1]
+    raise FileNotFoundError(
+        f"no trainer_state.json in {path} or its checkpoint-* folders; pass a training output_dir "
+        "(the trainer writes trainer_state.json on save and at the end of `train()`)"
+    )
+
+
+def curves(log_history: list[dict]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
+    """{panel: {metric: (steps, values)}} for every metric of `PANELS` present in the log history."""
+    result: dict[str, dict[str, tuple[list[int], list[float]]]] = {}
+    for panel, patterns in PANELS.items():
+        for entry in log_history:
+            for key, value in entry.items():
+                if not isinstance(value, (int, float)) or not any(re.fullmatch(p, key) for p in patterns):
+                    continue
+                steps, values = result.setdefault(panel, {}).setdefault(key, ([], []))
+                steps.append(int(entry.get("step", 0)))
+                values.append(float(value))
+    return result
+
+
+def plot_training(path: str | Path, output: str | Path | None = None) -> Path:
+    """Draw the curves of the run at `path` (an output_dir or a trainer_state.json); returns the PNG's path."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # files only, also without a display
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise ImportError("`trl-longpo plot` needs matplotlib: pip install matplotlib (or trl-longpo[demo])") from exc
+
+    state_file = find_trainer_state(path)
+    data = curves(json.loads(state_file.read_text()).get("log_history", []))
+    if not data:
+        raise ValueError(f"{state_file} has no logged loss, reward or retention metrics to plot")
+    output = Path(output) if output else state_file.parent / "training_curves.png"
+    ncols = min(2, len(data))
+    nrows = -(-len(data) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5.5 * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.flat[len(data) :]:
+        ax.set_visible(False)
+    for ax, (panel, series) in zip(axes.flat, data.items()):
+        for key, (steps, values) in sorted(series.items()):
+            ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=key)
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(str(state_file.parent), fontsize=8)
+    fig.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+    return output
