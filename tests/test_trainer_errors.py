@@ -33,11 +33,11 @@ def test_missing_short_prompt_column(tokenizer, tiny_model, tmp_path):
 def test_empty_answers(tokenizer, tiny_model, tmp_path, field):
     rows = make_rows(3)
     rows[2][field] = [{"role": "assistant", "content": "  "}]
-    with pytest.raises(LongPODataError, match=rf"Row 2: assistant message 0 of `{field}` is empty"):
+    with pytest.raises(LongPODataError, match=rf"Row 2: the content of message 0 of `{field}` .*empty string"):
         _trainer(tokenizer, tiny_model, rows, tmp_path)
     standard = make_rows(3, conversational=False)
     standard[1][field] = ""
-    with pytest.raises(LongPODataError, match=rf"Row 1: `{field}` is empty"):
+    with pytest.raises(LongPODataError, match=rf"Row 1: `{field}` .*empty string"):
         _trainer(tokenizer, tiny_model, standard, tmp_path)
 
 

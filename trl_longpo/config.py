@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from trl import DPOConfig
@@ -10,6 +11,7 @@ NLL_SCOPES = ("sequence", "completion")
 RING_ATTN_IMPLS = ("zigzag", "llama3")
 SP_REFERENCE_MODES = ("ring", "local")
 TRUNCATION_MODES = ("error", "drop")
+FINITE_FIELDS = ("beta", "dpo_weight", "nll_weight", "policy_rope_theta", "learning_rate")
 
 
 @dataclass
@@ -144,7 +146,16 @@ class LongPOConfig(DPOConfig):
     )
 
     def __post_init__(self):
-        problems = []
+        problems = [
+            f"`{name}` must be a finite number, got {getattr(self, name)}."
+            for name in FINITE_FIELDS
+            if getattr(self, name) is not None and not math.isfinite(getattr(self, name))
+        ]
+        if math.isfinite(self.beta) and self.beta <= 0:
+            problems.append(
+                f"`beta` must be positive, got {self.beta}: β <= 0 removes or reverses the preference (the logged "
+                "reward accuracy would still read high)."
+            )
         if self.sequence_parallel_size < 1:
             problems.append(f"`sequence_parallel_size` must be >= 1, got {self.sequence_parallel_size}.")
         if self.ring_attn_impl not in RING_ATTN_IMPLS:

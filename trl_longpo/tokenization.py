@@ -50,10 +50,6 @@ def check_columns(column_names: list[str] | None, dataset_name: str) -> None:
         )
 
 
-def _is_empty_text(text: Any) -> bool:
-    return not isinstance(text, str) or not text.strip()
-
-
 def _assistant_turns(messages: list[dict], field: str, index: int) -> list[int]:
     """Positions of the assistant messages in a conversational completion, validated."""
     if not isinstance(messages, list) or not messages:
@@ -64,9 +60,6 @@ def _assistant_turns(messages: list[dict], field: str, index: int) -> list[int]:
             f"Row {index}: `{field}` must start and end with an assistant message (roles: "
             f"{[m.get('role') for m in messages]})."
         )
-    for i in turns:
-        if _is_empty_text(messages[i].get("content")):
-            raise LongPODataError(f"Row {index}: assistant message {turns.index(i)} of `{field}` is empty.")
     return turns
 
 
@@ -85,13 +78,6 @@ def _short_prompts(short_prompt: Any, n_turns: int, conversational: bool, index:
         if any(not p for p in prompts):
             raise LongPODataError(f"Row {index}: a `short_prompt` message list is empty.")
     else:
-        if not isinstance(short_prompt, str):
-            raise LongPODataError(
-                f"Row {index}: `short_prompt` must be a string because `prompt` is a string (standard format); got "
-                f"{type(short_prompt).__name__}. Multi-turn rows need the conversational format."
-            )
-        if not short_prompt.strip():
-            raise LongPODataError(f"Row {index}: `short_prompt` is empty.")
         prompts = [short_prompt]
     if len(prompts) != n_turns:
         raise LongPODataError(
@@ -133,7 +119,8 @@ def _split_prompt_completions(processing_class, prompt, chosen, rejected, conver
 
 
 def tokenize_row(example: dict[str, Any], index: int, processing_class, eos_token: str) -> dict[str, list]:
-    """Tokenize one LongPO row; raises `LongPODataError` naming the row for input it cannot train on."""
+    """Tokenize one LongPO row whose messages passed `validation.validate_row`; raises `LongPODataError` naming the
+    row for a structure it cannot train on (turn counts, answer roles)."""
     for column in REQUIRED_COLUMNS:
         if column not in example:
             raise LongPODataError(f"Row {index}: missing field `{column}`; LongPO needs {list(REQUIRED_COLUMNS)}.")
@@ -160,15 +147,9 @@ def tokenize_row(example: dict[str, Any], index: int, processing_class, eos_toke
             )
         short_prompts = _short_prompts(example["short_prompt"], len(chosen_turns), True, index)
     else:
-        if not isinstance(chosen, str) or not isinstance(rejected, str):
-            raise LongPODataError(
-                f"Row {index}: `prompt` is a string (standard format) so `chosen` and `rejected` must be strings too."
-            )
         for name, text in (("chosen", chosen), ("rejected", rejected)):
-            if _is_empty_text(text) or text.strip() == eos_token:
-                raise LongPODataError(f"Row {index}: `{name}` is empty.")
-        if _is_empty_text(prompt):
-            raise LongPODataError(f"Row {index}: `prompt` is empty.")
+            if text.strip() == eos_token:
+                raise LongPODataError(f"Row {index}: `{name}` holds only the EOS token.")
         # Same as DPOTrainer: standard-format completions end with EOS
         chosen = chosen if chosen.endswith(eos_token) else chosen + eos_token
         rejected = rejected if rejected.endswith(eos_token) else rejected + eos_token

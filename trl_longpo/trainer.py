@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import textwrap
 from collections.abc import Callable
 
@@ -20,6 +21,7 @@ from .collator import DataCollatorForLongPO
 from .config import LongPOConfig
 from .modeling import check_causal_lm, restored_rope, set_rope_theta
 from .tokenization import TOKENIZED_COLUMNS, LongPODataError, check_columns, row_lengths, tokenize_row
+from .validation import EmptyEpochGuard, check_answer_tokens, check_not_empty, validate_row
 
 logger = logging.get_logger(__name__)
 
@@ -112,6 +114,10 @@ class LongPOTrainer(DPOTrainer):
         self._sp = None  # SequenceParallelContext, set after super().__init__ (the precompute pass runs unsplit)
         if args.use_liger_kernel:
             _check_liger_available()
+        _check_launch(args)
+        check_not_empty(train_dataset, "train")
+        for name, dataset in _eval_datasets(eval_dataset):
+            check_not_empty(dataset, name)
         if not isinstance(model, str):
             check_causal_lm(model)
             if (
@@ -174,6 +180,8 @@ class LongPOTrainer(DPOTrainer):
 
         if args.sequence_parallel_size > 1:
             self._setup_sequence_parallel(args)
+        if isinstance(train_dataset, IterableDataset):
+            self.add_callback(EmptyEpochGuard())
 
     def _check_sequence_parallel(
         self, args: LongPOConfig, models: tuple, train_dataset, reference_is_policy: bool
@@ -200,15 +208,7 @@ class LongPOTrainer(DPOTrainer):
             )
         world_size = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
         check_sp_size(world_size, args.sequence_parallel_size)  # clear error for world % sp != 0 (incl. world 1)
-        accelerate_processes = args.distributed_state.num_processes
-        if accelerate_processes != world_size:
-            # e.g. `accelerate launch --multi_gpu` on a machine without GPUs: the process group exists, but accelerate
-            # runs every process as a single-process job and would not shard data or synchronise gradients
-            raise ValueError(
-                f"torch.distributed has {world_size} processes but accelerate runs {accelerate_processes} "
-                f"({args.distributed_state.distributed_type}). On a CPU-only machine set `use_cpu=True` (accelerate "
-                "then uses gloo across the processes)."
-            )
+        _check_launch(args)
 
     def _setup_sequence_parallel(self, args: LongPOConfig) -> None:
         """Build the dp × sp mesh and switch the policy (and a ring reference) to ring attention."""
@@ -277,13 +277,18 @@ class LongPOTrainer(DPOTrainer):
             map_kwargs = {"num_proc": args.dataset_num_proc, "desc": f"Tokenizing {dataset_name} dataset"}
         with global_then_local_main_first():
             dataset = dataset.map(
-                tokenize_row,
+                _prepare_row,
                 with_indices=True,
                 fn_kwargs={"processing_class": processing_class, "eos_token": self._tokenizer.eos_token},
                 **map_kwargs,
             )
             if args.max_length is not None:
                 dataset = self._enforce_max_length(dataset, args, dataset_name)
+        if isinstance(dataset, Dataset) and len(dataset) == 0:
+            raise LongPODataError(
+                f"truncation_mode='drop' removed every row of the {dataset_name} dataset (all are longer than "
+                f"max_length={args.max_length} tokens); raise `max_length` or set it to None."
+            )
         return dataset
 
     def _enforce_max_length(self, dataset, args: LongPOConfig, dataset_name: str):
@@ -533,6 +538,42 @@ class LongPOTrainer(DPOTrainer):
         if mode == "train":
             self._total_train_tokens += gather(inputs["attention_mask"].sum()).sum().item() // self._tp_size
             metrics["num_tokens"] = [self._total_train_tokens]
+
+
+def _eval_datasets(eval_dataset) -> list[tuple[str, Dataset | IterableDataset]]:
+    if eval_dataset is None:
+        return []
+    if isinstance(eval_dataset, dict):
+        return [(f"eval ({key!r})", dataset) for key, dataset in eval_dataset.items()]
+    return [("eval", eval_dataset)]
+
+
+def _check_launch(args: LongPOConfig) -> None:
+    """Refuse a multi-process launch that accelerate runs as independent single-process jobs: e.g. `accelerate launch
+    --multi_gpu` on a machine without GPUs and without `use_cpu`, which would train N unsynchronised copies (and,
+    under SP, feed the ring different rows)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        launched = dist.get_world_size()
+    else:
+        launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerate_processes = args.distributed_state.num_processes
+    if launched != accelerate_processes:
+        raise ValueError(
+            f"{launched} processes were launched but accelerate runs {accelerate_processes} "
+            f"({args.distributed_state.distributed_type}): every process would train its own copy of the model "
+            "without sharing data or gradients. On a CPU-only machine set `use_cpu: true` in the training config "
+            "(`--use_cpu true` on the command line, `use_cpu=True` in Python); accelerate then runs one gloo job."
+        )
+
+
+def _prepare_row(example: dict, index: int, processing_class, eos_token: str) -> dict[str, list]:
+    """Validate the messages, tokenize, and check that policy and reference score the same answer tokens."""
+    validate_row(example, index)
+    tokenized = tokenize_row(example, index, processing_class, eos_token)
+    check_answer_tokens(tokenized, index)
+    return tokenized
 
 
 def _check_liger_available() -> None:
