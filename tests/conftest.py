@@ -107,3 +107,13 @@ def longpo_args(tmp_path, **overrides):
 
 def clone(model):
     return copy.deepcopy(model)
+
+
+def perturbed(model, scale: float = 0.02, seed: int = 0):
+    """A copy of `model` with noise on every weight: a policy that differs from its reference."""
+    policy = clone(model)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return policy

@@ -6,20 +6,11 @@ import math
 
 import pytest
 import torch
-from conftest import clone, longpo_args, make_rows
+from conftest import clone, longpo_args, make_rows, perturbed
 from datasets import Dataset
 from trl import DPOConfig, DPOTrainer
 
 from trl_longpo import LongPOTrainer
-
-
-def _perturbed(model):
-    """A policy that differs from the reference, so that losses are not the trivial log 2."""
-    policy = clone(model)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return policy
 
 
 def _dpo_trainer(model, tokenizer, rows, tmp_path, ref_model=None, **config):
@@ -91,7 +82,7 @@ def _assert_inputs_and_run(longpo, dpo):
 def test_reduces_to_dpo_away_from_reference(tokenizer, tiny_model, tmp_path, conversational):
     """Same check with a policy that differs from the reference, so the loss is not the trivial log 2."""
     rows = make_rows(3, conversational=conversational, short_equals_long=True, seed=1)
-    policy = _perturbed(tiny_model)
+    policy = perturbed(tiny_model)  # not the reference, so losses are not the trivial log 2
     dpo = _dpo_trainer(
         clone(policy),
         tokenizer,
@@ -174,7 +165,7 @@ def test_nll_scopes_match_definition(tokenizer, tiny_model, tmp_path, scope):
 
 def test_completion_nll_equals_dpo_sigmoid_plus_sft(tokenizer, tiny_model, tmp_path):
     rows = make_rows(4, short_equals_long=True, seed=2)
-    policy = _perturbed(tiny_model)
+    policy = perturbed(tiny_model)  # not the reference, so losses are not the trivial log 2
     dpo_weight, nll_weight = 0.3, 0.7
     dpo = _dpo_trainer(
         clone(policy),

@@ -145,6 +145,43 @@ class LongPOConfig(DPOConfig):
         },
     )
 
+    retention_eval_steps: int = field(
+        default=0,
+        metadata={
+            "help": "Measure long-context retrieval and short-context retention before training, every this many "
+            "steps and at the end (logged as eval_long/acc@L, eval_short/*). 0 (default) disables it."
+        },
+    )
+    retention_probe_lengths: list[int] = field(
+        default_factory=lambda: [512, 1024, 2048],
+        metadata={
+            "help": "Prompt lengths in tokens (chat template and question included) of the retrieval probes; each is "
+            "logged as eval_long/acc@L, the shortest also as eval_short/acc@L."
+        },
+    )
+    retention_probes_per_length: int = field(
+        default=8,
+        metadata={"help": "Retrieval probes per length, with the needle at depths spread evenly from 0 to 1."},
+    )
+    retention_short_samples: int = field(
+        default=16,
+        metadata={
+            "help": "Short prompts (from eval_dataset, else the training rows) on which the policy's answer "
+            "log-prob drift and KL against the reference are measured."
+        },
+    )
+    retention_max_new_tokens: int = field(
+        default=12,
+        metadata={"help": "Greedy tokens decoded per retrieval probe (a fixed count: no early stop)."},
+    )
+    retention_documents: str | None = field(
+        default=None,
+        metadata={
+            "help": "Documents for the probes' haystack: a .txt/.jsonl file or directory (as `trl-longpo generate "
+            "--documents`). None (default) uses the built-in corpus (CPython's help topics)."
+        },
+    )
+
     def __post_init__(self):
         problems = [
             f"`{name}` must be a finite number, got {getattr(self, name)}."
@@ -156,6 +193,7 @@ class LongPOConfig(DPOConfig):
                 f"`beta` must be positive, got {self.beta}: β <= 0 removes or reverses the preference (the logged "
                 "reward accuracy would still read high)."
             )
+        problems += _retention_problems(self)
         if self.sequence_parallel_size < 1:
             problems.append(f"`sequence_parallel_size` must be >= 1, got {self.sequence_parallel_size}.")
         if self.ring_attn_impl not in RING_ATTN_IMPLS:
@@ -214,6 +252,23 @@ class LongPOConfig(DPOConfig):
             # machine (a notebook, CI). Turn it on only where an accelerator supports it.
             self.bf16 = not self.fp16 and not self.use_cpu and _bf16_accelerator_available()
         super().__post_init__()
+
+
+def _retention_problems(args: LongPOConfig) -> list[str]:
+    problems = []
+    if args.retention_eval_steps < 0:
+        problems.append(f"`retention_eval_steps` must be >= 0 (0 disables it), got {args.retention_eval_steps}.")
+    lengths = args.retention_probe_lengths
+    if not lengths:
+        problems.append("`retention_probe_lengths` is empty: give at least one probe length in tokens.")
+    elif any(not isinstance(n, int) or n <= 0 for n in lengths):
+        problems.append(f"`retention_probe_lengths` must be positive token counts, got {lengths}.")
+    elif len(set(lengths)) != len(lengths):
+        problems.append(f"`retention_probe_lengths` has duplicates: {lengths}.")
+    for name in ("retention_probes_per_length", "retention_short_samples", "retention_max_new_tokens"):
+        if getattr(args, name) < 1:
+            problems.append(f"`{name}` must be >= 1, got {getattr(args, name)}.")
+    return problems
 
 
 def _bf16_accelerator_available() -> bool:

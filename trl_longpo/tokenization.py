@@ -104,14 +104,22 @@ def _completion_mask(
     return mask
 
 
+def tokenize_prompt(processing_class, prompt: str | list[dict], **chat_template_kwargs) -> list[int]:
+    """A prompt's token ids as the trainer renders it: the chat template with the generation prompt for a message
+    list, the tokenizer's plain encoding (with its special tokens) for a string. Generation starts right after."""
+    if isinstance(prompt, list):
+        return _tokenize(processing_class, prompt, add_generation_prompt=True, **chat_template_kwargs)["input_ids"]
+    return _tokenize(processing_class, prompt)["input_ids"]
+
+
 def _split_prompt_completions(processing_class, prompt, chosen, rejected, conversational: bool, kwargs: dict):
     """DPOTrainer's rule: the completion starts where prompt and prompt+completion diverge (min over both answers)."""
     if conversational:
-        prompt_ids = _tokenize(processing_class, prompt, add_generation_prompt=True, **kwargs)["input_ids"]
+        prompt_ids = tokenize_prompt(processing_class, prompt, **kwargs)
         chosen_full = _tokenize(processing_class, prompt + chosen, **kwargs)["input_ids"]
         rejected_full = _tokenize(processing_class, prompt + rejected, **kwargs)["input_ids"]
     else:
-        prompt_ids = _tokenize(processing_class, prompt)["input_ids"]
+        prompt_ids = tokenize_prompt(processing_class, prompt)
         chosen_full = _tokenize(processing_class, prompt + chosen)["input_ids"]
         rejected_full = _tokenize(processing_class, prompt + rejected)["input_ids"]
     prompt_len = min(common_prefix_length(prompt_ids, chosen_full), common_prefix_length(prompt_ids, rejected_full))

@@ -182,6 +182,10 @@ class LongPOTrainer(DPOTrainer):
             self._setup_sequence_parallel(args)
         if isinstance(train_dataset, IterableDataset):
             self.add_callback(EmptyEpochGuard())
+        if args.retention_eval_steps > 0:
+            from .evaluation import RetentionCallback
+
+            self.add_callback(RetentionCallback(self))
 
     def _check_sequence_parallel(
         self, args: LongPOConfig, models: tuple, train_dataset, reference_is_policy: bool
@@ -391,19 +395,28 @@ class LongPOTrainer(DPOTrainer):
         counts = torch.stack([m.sum(dim=1) for m in shifted])
         return torch.stack(sums), counts, getattr(outputs, "aux_loss", None)
 
+    @contextlib.contextmanager
+    def reference_context(self, model):
+        """Makes a forward through `model` a reference forward: with PEFT and no `ref_model`, the policy with its
+        adapters disabled and its original RoPE θ (when `policy_rope_theta` changed it). Nothing for a separate
+        reference model. Shared by the loss and the retention callback, so both score the same reference."""
+        with contextlib.ExitStack() as stack:
+            if self.ref_model is None and _is_peft_model(self.model):
+                # Same as DPOTrainer: a new adapter is disabled, an existing one was copied to the "ref" adapter
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                stack.enter_context(
+                    use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
+                )
+            stack.enter_context(restored_rope(self._reference_rope if model is self.model else None))
+            yield
+
     def _reference_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs of each row's answers on its SHORT prompt(s), summed over turns."""
-        context = contextlib.nullcontext()
-        if self.ref_model is None and _is_peft_model(self.model):
-            # Same as DPOTrainer: a new adapter is disabled, an existing one was copied to the "ref" adapter
-            unwrapped = self.accelerator.unwrap_model(self.model)
-            context = use_adapter(unwrapped, adapter_name="ref" if "ref" in unwrapped.peft_config else None)
         split = self._sp is not None and self.args.sequence_parallel_reference == "ring"
         with (
             torch.no_grad(),
             disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs),
-            context,
-            restored_rope(self._reference_rope if model is self.model else None),
+            self.reference_context(model),
             self.accelerator.autocast(),
         ):
             sums, _, _ = self._row_sums(

@@ -18,7 +18,7 @@ right when DDP / FSDP / ZeRO average over all dp x sp ranks (see `collectives`).
 
 Lower-level pieces for custom forwards: `shard_rows` / `PackedShard` (packing, padding, layout, true positions),
 `RingAttentionState` + `model(..., ring_attention=state)` (see `trl_longpo.attention.ring`), `sp_all_reduce_sum`,
-`verify_same_batch`.
+`verify_same_batch`; `unsplit_attention(model)` for unsplit forwards (generation) on a ring-attention model.
 """
 
 from trl_longpo.sequence_parallel.collectives import sp_all_reduce_sum
@@ -30,6 +30,7 @@ from trl_longpo.sequence_parallel.log_probs import (
     shard_log_probs,
     sp_fused_row_sums,
     sp_log_probs,
+    unsplit_attention,
 )
 from trl_longpo.sequence_parallel.mesh import (
     SequenceParallelMesh,
@@ -55,5 +56,6 @@ __all__ = [
     "sp_all_reduce_sum",
     "sp_fused_row_sums",
     "sp_log_probs",
+    "unsplit_attention",
     "verify_same_batch",
 ]

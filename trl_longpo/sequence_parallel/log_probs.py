@@ -9,6 +9,8 @@ keyword, which survives gradient-checkpoint recomputation.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -105,8 +107,30 @@ def prepare_model_for_sequence_parallel(model: torch.nn.Module, context: Sequenc
     not divide, or attention dropout.
     """
     check_model_for_sequence_parallel(model, context.heads_k_stride, context.allow_sliding_window)
-    _unwrap(model).set_attn_implementation(register_ring_attention())
+    inner = _unwrap(model)
+    if inner.config._attn_implementation != RING_ATTENTION_NAME:
+        inner._longpo_unsplit_attn_implementation = inner.config._attn_implementation
+    inner.set_attn_implementation(register_ring_attention())
     return model
+
+
+@contextlib.contextmanager
+def unsplit_attention(*models: torch.nn.Module | None) -> Iterator[None]:
+    """Run the models with the attention they had before `prepare_model_for_sequence_parallel` (e.g. sdpa) inside
+    the block, then switch them back to ring attention: for unsplit forwards such as generation, where every rank runs
+    whole sequences and no packing plan exists. Models not on ring attention (or None) are left as they are."""
+    switched = []
+    try:
+        for model in models:
+            inner = _unwrap(model) if model is not None else None
+            if inner is None or inner.config._attn_implementation != RING_ATTENTION_NAME or inner in switched:
+                continue
+            inner.set_attn_implementation(getattr(inner, "_longpo_unsplit_attn_implementation", "sdpa"))
+            switched.append(inner)
+        yield
+    finally:
+        for inner in switched:
+            inner.set_attn_implementation(RING_ATTENTION_NAME)
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
