@@ -126,12 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         lines = [f"  {name:<13} {text}" for name, text in COMMANDS.items()]
         print("usage: trl-longpo {" + ",".join(COMMANDS) + "} [options]\n\ncommands:\n" + "\n".join(lines))
         return 0 if argv and argv[0] in {"-h", "--help"} else 2
-    from trl_longpo.data import DataConfigError, DocumentsError, SettingsMismatchError
+    from trl_longpo.data import DataConfigError, DocumentsError, OutputDirError, SettingsMismatchError
     from trl_longpo.gguf import GGUFError
+    from trl_longpo.tokenization import LongPODataError
 
+    expected = (DataConfigError, DocumentsError, SettingsMismatchError, OutputDirError, GGUFError, LongPODataError)
     try:
         return handlers[argv[0]](argv[1:])
-    except (DataConfigError, DocumentsError, SettingsMismatchError, GGUFError) as exc:
+    except (*expected, OSError) as exc:  # OSError: an unwritable or missing path; a message, not a traceback
         print(f"trl-longpo {argv[0]}: error: {exc}", file=sys.stderr)
         return 2
 

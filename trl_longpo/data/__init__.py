@@ -24,7 +24,7 @@ from .instructions import parse_instructions
 from .pipeline import GenerationResult, generate_dataset
 from .rows import merge_shards
 from .stages import chat_prompt_ids
-from .store import SettingsMismatchError
+from .store import OutputDirError, SettingsMismatchError
 
 __all__ = [
     "Chunk",
@@ -35,6 +35,7 @@ __all__ = [
     "GenerationConfig",
     "GenerationResult",
     "HFBackend",
+    "OutputDirError",
     "Sampling",
     "SettingsMismatchError",
     "VLLMBackend",

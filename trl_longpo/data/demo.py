@@ -36,6 +36,9 @@ class DemoConfig:
     train_steps: int = field(default=8, metadata={"help": "LongPOTrainer optimisation steps (0 skips training)."})
     seed: int = field(default=0, metadata={"help": "Seed for generation and training."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
+    overwrite: bool = field(
+        default=False, metadata={"help": "Delete an earlier demo run's data (OUTPUT/data) made with other settings."}
+    )
 
 
 def demo_generation_config(demo: DemoConfig, model_dir: str) -> GenerationConfig:
@@ -58,6 +61,7 @@ def demo_generation_config(demo: DemoConfig, model_dir: str) -> GenerationConfig
         generation_batch_size=8,
         seed=demo.seed,
         progress=demo.progress,
+        overwrite=demo.overwrite,
     )
 
 

@@ -46,6 +46,11 @@ def pydoc_documents(doc_chars: int = 12000) -> list[str]:
 
 
 def _load_table(loader: str, files: list[str], source: str) -> datasets.Dataset:
+    for name in files:
+        with open(name, "rb") as f:
+            blank = not f.read(1 << 16).strip() and f.read(1) == b""
+        if blank:
+            raise DocumentsError(f"Document file {name!r} (from {source!r}) is empty: it holds no documents.")
     try:
         return datasets.load_dataset(loader, data_files=files, split="train")
     except Exception as exc:  # datasets raises many types for unreadable files

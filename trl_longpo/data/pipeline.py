@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from .documents import load_documents_table
 from .rows import build_rows, write_outputs
 from .stages import LazyBackend, load_documents, make_turns, run_instructions, run_long_answers, run_short_answers
 from .stats import RunStats, summary_table, write_report
-from .store import lock_settings
+from .store import lock_settings, locked_output, prepare_output
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +105,6 @@ def generate_dataset(
     out = Path(config.output)
     if config.world_size > 1:
         out = out / "shards" / f"rank-{config.rank:05d}-of-{config.world_size:05d}"
-    if config.overwrite and out.exists():
-        shutil.rmtree(out)
     source = documents if documents is not None else config.documents
     table, column = load_documents_table(source, config.text_column, config.pydoc_doc_chars)  # fail fast on inputs
     if tokenizer is None:
@@ -132,34 +129,37 @@ def generate_dataset(
         "rank": config.rank,
         "world_size": config.world_size,
     }
-    digest = lock_settings(out, settings)
-    work_dir = out / "work"
-    engine = LazyBackend(lambda: make_backend(config, tokenizer), backend)
-    try:
-        per_doc = make_turns(docs, config, tokenizer, stats)
-        run_instructions(per_doc, config, tokenizer, engine, work_dir, native_ctx, stats)
-        run_short_answers(per_doc, config, tokenizer, engine, work_dir, native_ctx, stats)
-        run_long_answers(per_doc, config, tokenizer, engine, work_dir, long_ctx, stats)
-    finally:
-        engine.close()
-    rows = build_rows(per_doc, config, stats)
-    dataset = write_outputs(out, rows, config)
-    report = {
-        "run": {
-            "output": str(out),
-            "settings_hash": digest,
-            "model": config.model,
-            "backend": config.backend,
-            "native_context": native_ctx,
-            "long_context": long_ctx,
-            "rows": len(rows),
-        },
-        **stats.to_dict(),
-    }
-    write_report(out, report)
-    summary = summary_table(report)
-    if config.progress:
-        print(f"\n{summary}\n\n{len(rows)} rows -> {out / 'dataset'} (report: {out / 'stats.md'})")
-    if not rows:
-        logger.warning("No rows survived generation and filtering; see %s for the counts.", out / "stats.md")
-    return GenerationResult(dataset, report, out, summary)
+    # Inputs are valid: only now is the output directory taken (and, with --overwrite, an old run deleted)
+    with locked_output(out):
+        prepare_output(out, config.overwrite)
+        digest = lock_settings(out, settings)
+        work_dir = out / "work"
+        engine = LazyBackend(lambda: make_backend(config, tokenizer), backend)
+        try:
+            per_doc = make_turns(docs, config, tokenizer, stats)
+            run_instructions(per_doc, config, tokenizer, engine, work_dir, native_ctx, stats)
+            run_short_answers(per_doc, config, tokenizer, engine, work_dir, native_ctx, stats)
+            run_long_answers(per_doc, config, tokenizer, engine, work_dir, long_ctx, stats)
+        finally:
+            engine.close()
+        rows = build_rows(per_doc, config, stats)
+        dataset = write_outputs(out, rows, config)
+        report = {
+            "run": {
+                "output": str(out),
+                "settings_hash": digest,
+                "model": config.model,
+                "backend": config.backend,
+                "native_context": native_ctx,
+                "long_context": long_ctx,
+                "rows": len(rows),
+            },
+            **stats.to_dict(),
+        }
+        write_report(out, report)
+        summary = summary_table(report)
+        if config.progress:
+            print(f"\n{summary}\n\n{len(rows)} rows -> {out / 'dataset'} (report: {out / 'stats.md'})")
+        if not rows:
+            logger.warning("No rows survived generation and filtering; see %s for the counts.", out / "stats.md")
+        return GenerationResult(dataset, report, out, summary)

@@ -8,19 +8,78 @@ are written to a temporary name and renamed into place.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+import socket
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from .config import settings_hash
 
 SETTINGS_FILE = "settings.json"
+LOCK_FILE = ".generate.lock"
 
 
 class SettingsMismatchError(RuntimeError):
     """The output directory holds a run made with different settings; resuming it would mix two datasets."""
+
+
+class OutputDirError(RuntimeError):
+    """The output directory cannot be used: busy with another run, not a run, or not writable."""
+
+
+@contextlib.contextmanager
+def locked_output(output_dir: Path) -> Iterator[None]:
+    """Hold an exclusive OS lock on `output_dir` (created if needed) for the duration of a run.
+
+    `flock` is released by the OS when its holder exits, however it exits, so a run killed with SIGKILL never blocks
+    the next one (a marker file would). The lock file records its holder for the error a second run gets.
+    """
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        handle = open(output_dir / LOCK_FILE, "a+")
+    except OSError as exc:
+        raise OutputDirError(
+            f"Cannot write to the output directory {str(output_dir)!r}: {exc.strerror or exc}."
+        ) from exc
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "an unknown process"
+            raise OutputDirError(
+                f"{output_dir} is in use by another `generate` run ({holder}). Wait for it to finish, or use another "
+                "--output (multi-process runs use --rank/--world_size, one shard directory each)."
+            ) from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        handle.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def prepare_output(output_dir: Path, overwrite: bool) -> None:
+    """Refuse a non-empty directory that holds no run; with `overwrite`, delete a run's files (only a directory the
+    pipeline wrote, recognised by its settings file). Call while holding `locked_output`: the lock file stays."""
+    entries = [p for p in output_dir.iterdir() if p.name != LOCK_FILE]
+    if not entries:
+        return
+    if not (output_dir / SETTINGS_FILE).exists():
+        raise OutputDirError(
+            f"{output_dir} is not empty and holds no `generate` run (no {SETTINGS_FILE}); refusing to write into it"
+            f"{' or delete it' if overwrite else ''}. Choose a new or empty --output directory."
+        )
+    if overwrite:
+        for entry in entries:
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
