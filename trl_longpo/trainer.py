@@ -17,6 +17,7 @@ from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, global_then_local_main_first, use_adapter
 
+from .checkpoints import resolve_checkpoint
 from .collator import DataCollatorForLongPO
 from .config import LongPOConfig
 from .modeling import check_causal_lm, restored_rope, set_rope_theta
@@ -186,6 +187,12 @@ class LongPOTrainer(DPOTrainer):
             from .evaluation import RetentionCallback
 
             self.add_callback(RetentionCallback(self))
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None):
+        """`Trainer.train`, with `resume_from_checkpoint` True/"True"/"latest" meaning the newest complete checkpoint
+        in `output_dir` and the chosen checkpoint's files checked first (see `trl_longpo.checkpoints`)."""
+        checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
 
     def _check_sequence_parallel(
         self, args: LongPOConfig, models: tuple, train_dataset, reference_is_policy: bool
