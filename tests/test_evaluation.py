@@ -347,3 +347,72 @@ def test_callback_with_peft_and_policy_rope_theta_scores_the_trainers_reference(
     assert logs[2]["eval_short/kl"] == pytest.approx(end["kl"], rel=1e-9)
     assert logs[2]["eval_short/logp_drift"] == pytest.approx(end["logp_drift"], rel=1e-9)
     assert end["kl"] != pytest.approx(want["kl"], rel=1e-6)  # the adapter trained
+
+
+# ---------------------------------------------------------------------------------------------------- SP parity
+def _sp_trainer(model, tokenizer, train, held_out, outdir, **overrides):
+    args = _retention_args(
+        outdir, retention_eval_steps=1, max_steps=1, use_cpu=True, dpo_weight=1.0, **overrides
+    )
+    return LongPOTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=held_out, processing_class=tokenizer
+    )
+
+
+def _sp_worker(rank: int, world_size: int, port: int, outdir: str, tokenizer_dir: str, data_dir: str) -> None:
+    import traceback
+    from pathlib import Path
+
+    from datasets import load_from_disk
+    from distributed import init_rank, write_result
+    from transformers import AutoTokenizer
+
+    init_rank(rank, world_size, port)
+    import torch.distributed as dist
+
+    try:
+        trainer = _sp_trainer(
+            _model(),
+            AutoTokenizer.from_pretrained(tokenizer_dir),
+            load_from_disk(str(Path(data_dir) / "train")),
+            load_from_disk(str(Path(data_dir) / "eval")),
+            Path(outdir) / "sp",
+            sequence_parallel_size=world_size,
+            ring_attn_impl="llama3",
+        )
+        trainer.train()
+        result = {
+            "logs": {str(step): entry for step, entry in _retention_logs(trainer).items()},
+            "attn": trainer.model.config._attn_implementation,
+        }
+    except Exception:
+        result = {"error": traceback.format_exc()}
+    write_result(outdir, rank, result)
+    dist.destroy_process_group()
+
+
+def test_probes_under_sequence_parallelism_equal_the_unsplit_run(tokenizer, tmp_path):
+    """sp=2 (gloo): every rank runs the probes unsplit with plain attention and logs the unsplit trainer's numbers,
+    before and after a training step that itself runs with ring attention."""
+    from distributed import launch
+
+    train, held_out = Dataset.from_list(make_rows(2)), Dataset.from_list(make_rows(2, seed=2))
+    tokenizer.save_pretrained(tmp_path / "tok")
+    train.save_to_disk(tmp_path / "data" / "train")
+    held_out.save_to_disk(tmp_path / "data" / "eval")
+    per_rank = launch(_sp_worker, 2, tmp_path, args=(str(tmp_path / "tok"), str(tmp_path / "data")), timeout=300)
+    unsplit = _sp_trainer(_model(), tokenizer, train, held_out, tmp_path / "unsplit")
+    unsplit.train()
+    want = _retention_logs(unsplit)
+    assert sorted(want) == [0, 1]
+    for rank, result in enumerate(per_rank):
+        assert "error" not in result, f"rank {rank}:\n{result['error']}"
+        assert result["attn"] == "ring_attention"  # switched back after the probes
+        logs = {int(step): entry for step, entry in result["logs"].items()}
+        assert sorted(logs) == [0, 1]
+        # Step 0: the same model, so the same numbers; step 1: after a ring-attention step, whose gradients match the
+        # unsplit ones to 1e-5 (fp32 log-prob accumulation in TRL's fused LM head, see test_trainer_sequence_parallel)
+        for step, tolerance in ((0, 1e-9), (1, 1e-5)):
+            for key in KEYS:
+                assert logs[step][key] == pytest.approx(want[step][key], rel=tolerance, abs=1e-9), (rank, step, key)
+        assert logs[1]["eval_short/kl"] > 0  # the step moved the policy: the comparison is not of zeros
