@@ -46,21 +46,26 @@ class DataCollatorForLongPO(DataCollatorMixin):
             "input_ids": _pad(sequences, self.pad_token_id, self.pad_to_multiple_of),
             "attention_mask": _pad([[1] * len(s) for s in sequences], 0, self.pad_to_multiple_of),
             "completion_mask": _pad(completion, 0, self.pad_to_multiple_of),
+            # shared by row b and row B + b (share_prompt packs them as one tree)
+            "prompt_length": torch.tensor([len(ex["prompt_ids"]) for ex in examples]),
         }
         if "ref_chosen_logps" in examples[0]:
             output["ref_chosen_logps"] = torch.tensor([ex["ref_chosen_logps"] for ex in examples])
             output["ref_rejected_logps"] = torch.tensor([ex["ref_rejected_logps"] for ex in examples])
             return output
 
-        ref_sequences, ref_completion, ref_row_index = [], [], []
+        ref_sequences, ref_completion, ref_row_index, ref_prompt_length = [], [], [], []
         for side, offset in (("short_chosen_ids", 0), ("short_rejected_ids", batch_size)):
             for row, ex in enumerate(examples):
                 for prompt_ids, answer_ids in zip(ex["short_prompt_ids"], ex[side], strict=True):
                     ref_sequences.append(list(prompt_ids) + list(answer_ids))
                     ref_completion.append([0] * len(prompt_ids) + [1] * len(answer_ids))
                     ref_row_index.append(row + offset)
+                    ref_prompt_length.append(len(prompt_ids))
         output["ref_input_ids"] = _pad(ref_sequences, self.pad_token_id, self.pad_to_multiple_of)
         output["ref_attention_mask"] = _pad([[1] * len(s) for s in ref_sequences], 0, self.pad_to_multiple_of)
         output["ref_completion_mask"] = _pad(ref_completion, 0, self.pad_to_multiple_of)
         output["ref_row_index"] = torch.tensor(ref_row_index, dtype=torch.long)
+        # sequence k (a chosen answer on its turn's short prompt) shares that prompt with sequence k + n/2 (rejected)
+        output["ref_prompt_length"] = torch.tensor(ref_prompt_length, dtype=torch.long)
         return output

@@ -35,6 +35,8 @@ class LongPOConfig(DPOConfig):
         nll_scope (`str`, *optional*, defaults to `"sequence"`):
             `"sequence"` (paper): mean token NLL over the whole chosen long sequence — document, instructions and
             answers; pads excluded. `"completion"`: mean over the chosen answer tokens only (TRL's `"sft"` term).
+        share_prompt (`bool`, *optional*, defaults to `True`):
+            Pack chosen and rejected with their shared prompt as one tree-attention sequence (prompt computed once).
         policy_rope_theta (`float`, *optional*):
             RoPE base θ given to the policy for long inputs (paper: 1e7 for Mistral-7B-Instruct-v0.2). The reference
             keeps the model's original RoPE. The saved model carries the new θ.
@@ -108,6 +110,16 @@ class LongPOConfig(DPOConfig):
         },
     )
 
+    share_prompt: bool = field(
+        default=True,
+        metadata={
+            "help": "Compute each pair's long prompt once: chosen and rejected are packed as one sequence "
+            "[prompt][chosen][rejected] with tree attention (rejected never sees chosen; its positions continue from "
+            "the prompt end); the reference shares each short prompt likewise. Same loss, metrics and gradients as "
+            "the unshared path, about half the compute and activation memory at long context. False: score "
+            "prompt+chosen and prompt+rejected as two sequences (DPOTrainer's layout)."
+        },
+    )
     sequence_parallel_size: int = field(
         default=1,
         metadata={

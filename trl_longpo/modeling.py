@@ -36,6 +36,21 @@ def check_causal_lm(model: nn.Module, role: str = "model") -> None:
         )
 
 
+def row_sum_dtype(device: torch.device) -> torch.dtype:
+    """Per-row sums of per-token log-probs are accumulated in fp64 (fp32 on MPS, which has none): the rewards are
+    differences of two sums of thousands of terms, so summing in fp32 would leave errors that depend on the order of
+    summation (packed vs padded layouts, SP shards) at the level of the rewards themselves."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside PEFT and DDP / FSDP / DeepSpeed wrappers (which expose it as `.module`)."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    while not hasattr(model, "config") and hasattr(model, "module"):
+        model = model.module
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @dataclass
 class RopeState:
     """A model's RoPE settings: the config dicts and each rotary module's cached frequencies and scaling."""

@@ -17,10 +17,12 @@ from trl import DPOTrainer
 from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, global_then_local_main_first, use_adapter
 
+from .attention.tree import attn_implementation
 from .checkpoints import resolve_checkpoint
 from .collator import DataCollatorForLongPO
 from .config import LongPOConfig
-from .modeling import check_causal_lm, restored_rope, set_rope_theta
+from .modeling import base_model, check_causal_lm, restored_rope, row_sum_dtype, set_rope_theta
+from .packing import pack_shared_prompts, pair_groups
 from .tokenization import TOKENIZED_COLUMNS, LongPODataError, check_columns, row_lengths, tokenize_row
 from .validation import EmptyEpochGuard, check_answer_tokens, check_not_empty, validate_row
 
@@ -132,6 +134,10 @@ class LongPOTrainer(DPOTrainer):
                 ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         if ref_model is not None:
             check_causal_lm(ref_model, role="reference model")
+        if args.share_prompt:  # before DPOTrainer's set-up, which may run a long reference precompute
+            for candidate in (model, ref_model):
+                if isinstance(candidate, torch.nn.Module):
+                    _check_shared_prompt_model(candidate, args)
 
         if processing_class is None:
             source = model if isinstance(model, str) else get_config_model_id(model.config)
@@ -179,6 +185,8 @@ class LongPOTrainer(DPOTrainer):
             self._reference_rope = saved if self.ref_model is None else None
             logger.info(f"Policy RoPE theta set to {args.policy_rope_theta:g}; the reference keeps its original θ.")
 
+        if args.share_prompt:
+            self._setup_shared_prompt(args)
         if args.sequence_parallel_size > 1:
             self._setup_sequence_parallel(args)
         if isinstance(train_dataset, IterableDataset):
@@ -193,6 +201,57 @@ class LongPOTrainer(DPOTrainer):
         in `output_dir` and the chosen checkpoint's files checked first (see `trl_longpo.checkpoints`)."""
         checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
         return super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
+
+    def _setup_shared_prompt(self, args: LongPOConfig) -> None:
+        """Check that the models can share prompts. They keep their own attention implementation; the packed one
+        (tree attention behind the "ring_attention" seam) is switched on around each training / prediction step
+        (`_packed_attention`), so that saving, callbacks and user forwards see the model as it was."""
+        from .attention import register_ring_attention
+
+        if self.aux_loss_enabled:
+            raise ValueError(
+                "`share_prompt=True` does not support the MoE router auxiliary loss (it would be computed over the "
+                "packed tokens, with the prompt once, and differ from the unshared loss). Set `share_prompt=False`."
+            )
+        name = register_ring_attention()
+        self._plain_attn_implementation = base_model(self.model).config._attn_implementation
+        for model in (self.model, self.ref_model):
+            if model is None:
+                continue
+            _check_shared_prompt_model(model, args)
+            try:
+                with attn_implementation(model, name):
+                    pass
+            except (ValueError, NotImplementedError) as err:
+                raise ValueError(
+                    f"`share_prompt=True` needs a model that takes a custom attention function (transformers' "
+                    f"AttentionInterface); {type(base_model(model)).__name__} refused it: {err}. Set "
+                    "`share_prompt=False`."
+                ) from err
+
+    @contextlib.contextmanager
+    def _packed_attention(self):
+        """Run the packed attention function inside the block (forward AND backward: gradient checkpointing
+        recomputes layers during backward) when prompts are shared."""
+        if not self.args.share_prompt or self._sp is not None:  # SP models use it permanently
+            yield
+            return
+        from .attention import register_ring_attention
+
+        name = register_ring_attention()
+        with contextlib.ExitStack() as stack:
+            for model in (self.model, self.ref_model):
+                if model is not None:
+                    stack.enter_context(attn_implementation(model, name))
+            yield
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        with self._packed_attention():
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        with self._packed_attention():
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def _check_sequence_parallel(
         self, args: LongPOConfig, models: tuple, train_dataset, reference_is_policy: bool
@@ -395,9 +454,10 @@ class LongPOTrainer(DPOTrainer):
         seq_len = input_ids.size(1) - 1
         shifted = [m[:, 1:] for m in masks]
         sums = []
+        dtype = row_sum_dtype(input_ids.device)
         for name in fields:
             values = getattr(outputs, name)[:, -seq_len:]  # prompt-learning PEFT prepends virtual tokens
-            values = values if name == "log_probs" else values.detach().float()
+            values = (values if name == "log_probs" else values.detach()).to(dtype)
             sums.append(torch.stack([(values * m).sum(dim=1) for m in shifted]))
         counts = torch.stack([m.sum(dim=1) for m in shifted])
         return torch.stack(sums), counts, getattr(outputs, "aux_loss", None)
@@ -417,6 +477,79 @@ class LongPOTrainer(DPOTrainer):
             stack.enter_context(restored_rope(self._reference_rope if model is self.model else None))
             yield
 
+    def _shared_row_sums(
+        self,
+        model,
+        input_ids,
+        attention_mask,
+        masks: list[torch.Tensor],
+        fields: tuple[str, ...],
+        groups: list,
+        split: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """`_row_sums` with each group's rows packed as one tree: the shared prompt is computed once
+        (`trl_longpo.packing`, tree attention). Same sums; `split` shards the trees over the SP group."""
+        from .attention import RingAttentionState, register_ring_attention
+        from .attention.tree import plan_for_trees
+
+        group, attention_dtype = None, None
+        if split:
+            from .sequence_parallel import sp_all_reduce_sum, verify_same_batch
+            from .sequence_parallel.tree import shard_trees
+
+            group, attention_dtype = self._sp.mesh.sp_group, self._sp.attention_dtype
+            if self._sp.verify_batches:
+                verify_same_batch([input_ids, attention_mask, *masks], group)
+        packed = pack_shared_prompts(input_ids, attention_mask, masks, groups)
+        if split:
+            local = shard_trees(
+                packed,
+                sp_rank=self._sp.mesh.sp_rank,
+                sp_size=self._sp.mesh.sp_size,
+                impl=self._sp.ring_attn_impl,
+                group=group,
+                pad_token_id=self._tokenizer.pad_token_id,
+            )
+            plan = local.plan
+        else:
+            local, plan = packed, plan_for_trees(packed.trees)
+        token_masks = local.masks
+        labels = local.targets.masked_fill(~token_masks[0], -100)
+        name = register_ring_attention()
+        if (
+            torch.is_grad_enabled()
+            and getattr(base_model(model), "is_gradient_checkpointing", False)
+            and base_model(model).config._attn_implementation != name
+        ):
+            raise RuntimeError(
+                "With gradient checkpointing, a shared-prompt loss must be computed inside `training_step` (which "
+                "keeps the packed attention on through backward); calling `compute_loss` directly would recompute the "
+                "layers with the model's own attention during backward."
+            )
+        with attn_implementation(model, name):  # a no-op inside `training_step` / `prediction_step`
+            outputs = model(
+                input_ids=local.input_ids[None],
+                position_ids=local.position_ids[None],
+                shift_labels=labels[None],
+                fused_lm_head=True,
+                use_cache=False,
+                ring_attention=RingAttentionState(group=group, plan=plan, attention_dtype=attention_dtype),
+            )
+        rows = local.row_index.clamp(min=0)  # padding is outside every mask
+        dtype = row_sum_dtype(rows.device)
+        sums = []
+        for name in fields:
+            values = getattr(outputs, name)[0]
+            values = (values if name == "log_probs" else values.detach()).to(dtype)
+            sums.append(
+                torch.stack([values.new_zeros(local.num_rows).index_add(0, rows, values * m) for m in token_masks])
+            )
+        sums = torch.stack(sums)
+        counts = torch.stack([rows.new_zeros(local.num_rows).index_add(0, rows, m.long()) for m in token_masks])
+        if split:
+            sums, counts = sp_all_reduce_sum(sums, group), sp_all_reduce_sum(counts, group)
+        return sums, counts, None
+
     def _reference_logps(self, model, inputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Reference log-probs of each row's answers on its SHORT prompt(s), summed over turns."""
         split = self._sp is not None and self.args.sequence_parallel_reference == "ring"
@@ -426,14 +559,18 @@ class LongPOTrainer(DPOTrainer):
             self.reference_context(model),
             self.accelerator.autocast(),
         ):
-            sums, _, _ = self._row_sums(
-                model,
-                inputs["ref_input_ids"],
-                inputs["ref_attention_mask"],
-                [inputs["ref_completion_mask"]],
-                ("log_probs",),
-                split,
-            )
+            ref_masks = [inputs["ref_completion_mask"]]
+            if self.args.share_prompt:  # sequence k (chosen, turn t) shares its short prompt with k + n/2 (rejected)
+                half = inputs["ref_input_ids"].size(0) // 2
+                lengths = inputs["ref_prompt_length"].tolist()
+                groups = [((k, half + k), lengths[k]) for k in range(half)]
+                sums, _, _ = self._shared_row_sums(
+                    model, inputs["ref_input_ids"], inputs["ref_attention_mask"], ref_masks, ("log_probs",), groups, split
+                )
+            else:
+                sums, _, _ = self._row_sums(
+                    model, inputs["ref_input_ids"], inputs["ref_attention_mask"], ref_masks, ("log_probs",), split
+                )
         rows = sums.new_zeros(inputs["input_ids"].size(0))
         rows.index_add_(0, inputs["ref_row_index"], sums[0, 0])
         return rows.chunk(2, dim=0)
@@ -459,15 +596,16 @@ class LongPOTrainer(DPOTrainer):
         scored = completion_mask | nll_mask
         fields = ("log_probs", "entropy", "is_top1")
         extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        sums, counts, aux_loss = self._row_sums(
-            model,
-            input_ids,
-            attention_mask,
-            [scored, completion_mask, nll_mask],
-            fields,
-            self._sp is not None,
-            **extra,
-        )
+        masks = [scored, completion_mask, nll_mask]
+        if args.share_prompt:  # row b and row B + b share prompt b: one tree per pair
+            groups = pair_groups(inputs["prompt_length"].tolist())
+            sums, counts, aux_loss = self._shared_row_sums(
+                model, input_ids, attention_mask, masks, fields, groups, self._sp is not None
+            )
+        else:
+            sums, counts, aux_loss = self._row_sums(
+                model, input_ids, attention_mask, masks, fields, self._sp is not None, **extra
+            )
         chosen_logps, rejected_logps = sums[0, 1].chunk(2, dim=0)
 
         if self.precompute_ref_logps:
@@ -505,7 +643,10 @@ class LongPOTrainer(DPOTrainer):
         )
         if return_outputs:
             # The fused LM head builds no logits; `compute_metrics` users get them from a plain forward
-            with torch.no_grad():
+            plain = contextlib.nullcontext()
+            if args.share_prompt and self._sp is None:  # inside `prediction_step`'s packed attention
+                plain = attn_implementation(model, self._plain_attn_implementation)
+            with torch.no_grad(), plain:
                 outputs = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return loss, outputs
         return loss
@@ -594,6 +735,28 @@ def _prepare_row(example: dict, index: int, processing_class, eos_token: str) ->
     tokenized = tokenize_row(example, index, processing_class, eos_token)
     check_answer_tokens(tokenized, index)
     return tokenized
+
+
+def _check_shared_prompt_model(model, args: LongPOConfig) -> None:
+    """Refuse, with the fix, what tree attention cannot run (never fall back to the unshared path silently)."""
+    from .sequence_parallel import check_model_for_sequence_parallel
+
+    peft_config = getattr(model, "active_peft_config", None)
+    if peft_config is not None and getattr(peft_config, "is_prompt_learning", False):
+        raise ValueError(
+            "`share_prompt=True` cannot pack pairs for a prompt-learning PEFT adapter (virtual tokens are prepended "
+            "to every sequence). Set `share_prompt=False`."
+        )
+    text_config = base_model(model).config.get_text_config()
+    if getattr(text_config, "attn_logit_softcapping", None):
+        raise ValueError(
+            "`share_prompt=True`: tree attention does not implement attention logit softcapping "
+            f"(attn_logit_softcapping={text_config.attn_logit_softcapping}). Set `share_prompt=False`."
+        )
+    try:
+        check_model_for_sequence_parallel(model, allow_sliding_window=args.ring_ignore_sliding_window)
+    except ValueError as err:
+        raise ValueError(f"`share_prompt=True` (tree attention): {err}. Or set `share_prompt=False`.") from err
 
 
 def _check_liger_available() -> None:

@@ -14,10 +14,10 @@ on the batch and on the process layout lives in a `RingAttentionState` that the 
   - or with `with use_ring_attention_state(state): model(...)` (a context variable), for callers that cannot add
     kwargs. It does NOT survive gradient-checkpoint recomputation, which runs after the block has exited.
 
-The seam for later layouts: the state carries a `plan`, any object implementing `RingPlan.attend(q, k, v, ...)`.
-`ZigzagVarlenPlan` and `Llama3VarlenPlan` handle packed rows of independent causal segments. Tree-shaped batches
-(one prompt shared by two answers, each answer seeing the prompt and itself) will add a plan class that, e.g.,
-combines two kernel calls with a log-sum-exp merge; the attention function and the state do not change.
+The seam for other layouts: the state carries a `plan`, any object implementing `RingPlan.attend(q, k, v, ...)`.
+`ZigzagVarlenPlan` and `Llama3VarlenPlan` handle packed rows of independent causal segments; tree-shaped batches
+(one prompt shared by two answers) use `trl_longpo.attention.tree.TreeAttentionPlan` (block kernels merged by
+log-sum-exp, also without SP: `group=None`). A plan with a `compute_dtype(dtype, device)` method picks its own dtype.
 """
 
 from __future__ import annotations
@@ -310,8 +310,10 @@ def ring_attention_forward(
             f"ring attention plan covers {state.plan.num_local_tokens} local tokens but the forward has "
             f"{batch}x{seqlen}; build the plan from the same sharded batch"
         )
-    kernels = load_ring_flash_attn()
-    dtype = _compute_dtype(query.dtype, state, kernels.backend == "flash_attn")
+    if hasattr(state.plan, "compute_dtype"):  # plans with their own kernels (tree attention)
+        dtype = state.attention_dtype or state.plan.compute_dtype(query.dtype, query.device)
+    else:
+        dtype = _compute_dtype(query.dtype, state, load_ring_flash_attn().backend == "flash_attn")
     # (B, H, S, D) -> (B*S, H, D): the varlen kernels see the batch as one packed sequence described by the plan.
     q, k, v = (x.transpose(1, 2).reshape(batch * seqlen, x.shape[1], -1).to(dtype) for x in (query, key, value))
     out = state.plan.attend(

@@ -24,6 +24,7 @@ from trl_longpo.attention.ring import (
     check_sliding_window,
     register_ring_attention,
 )
+from trl_longpo.modeling import row_sum_dtype
 from trl_longpo.sequence_parallel.collectives import sp_all_reduce_sum
 from trl_longpo.sequence_parallel.mesh import SequenceParallelMesh, verify_same_batch
 from trl_longpo.sequence_parallel.sharding import IGNORE_INDEX, PackedShard, shard_rows
@@ -259,7 +260,7 @@ def sp_fused_row_sums(
         **model_kwargs,
     )
     rows = shard.row_index.clamp(min=0)  # padding is outside every label set, so its row does not matter
-    dtype = torch.promote_types(outputs.log_probs.dtype, torch.float32)
+    dtype = row_sum_dtype(rows.device)
     masks = [s.labels[0] != IGNORE_INDEX for s in shards]
     sums = []
     for name in fields:

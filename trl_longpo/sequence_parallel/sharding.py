@@ -56,19 +56,25 @@ def _real_span(mask_row: torch.Tensor) -> tuple[int, int]:
     return start, stop
 
 
-def shard_local_indices(segment_lengths: list[int], sp_rank: int, sp_size: int, impl: str) -> torch.Tensor:
-    """Indices into the packed, padded sequence held by `sp_rank` (segment lengths already padded for `impl`)."""
+def local_ranges(segment_lengths: list[int], sp_rank: int, sp_size: int, impl: str) -> list[tuple[int, int]]:
+    """[start, stop) ranges of the packed, padded sequence held by `sp_rank`, in its local order (segment lengths
+    already padded for `impl`)."""
     check_ring_attn_impl(impl)
     if impl == "llama3":
-        total = sum(segment_lengths)
-        per_rank = total // sp_size
-        return torch.arange(sp_rank * per_rank, (sp_rank + 1) * per_rank)
-    pieces, start = [], 0
+        per_rank = sum(segment_lengths) // sp_size
+        return [(sp_rank * per_rank, (sp_rank + 1) * per_rank)]
+    ranges, start = [], 0
     for length in segment_lengths:
         chunk = length // (2 * sp_size)
         for c in (sp_rank, 2 * sp_size - 1 - sp_rank):
-            pieces.append(torch.arange(start + c * chunk, start + (c + 1) * chunk))
+            ranges.append((start + c * chunk, start + (c + 1) * chunk))
         start += length
+    return ranges
+
+
+def shard_local_indices(segment_lengths: list[int], sp_rank: int, sp_size: int, impl: str) -> torch.Tensor:
+    """Indices into the packed, padded sequence held by `sp_rank` (segment lengths already padded for `impl`)."""
+    pieces = [torch.arange(a, b) for a, b in local_ranges(segment_lengths, sp_rank, sp_size, impl)]
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
 

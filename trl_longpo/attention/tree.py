@@ -1,0 +1,312 @@
+"""Tree attention: several sequences that share a prefix, packed once, attended as a sum of rectangular blocks.
+
+Why: a LongPO pair is one long prompt and two short answers. Packed as ONE sequence `[trunk][branch 0][branch 1]`
+(see `trl_longpo.packing`), the trunk is embedded, attended and stored once; each branch must see the trunk and its
+own earlier tokens, never another branch. That mask is not causal, but it is a union of a few blocks that ordinary
+kernels compute: a causal square (`[trunk][branch 0]` is just a causal sequence; every later branch attends itself
+causally) and a full rectangle (a later branch's queries against the trunk's keys). The blocks of one query range are
+merged with their log-sum-exps (exact: softmax over a union of key sets), and every block's backward is given the
+MERGED out/lse, which makes the sum of the blocks' gradients the gradient of the merged attention (the contract ring
+attention relies on as well). Only causal squares (Sq == Sk) and full rectangles are used, so no kernel's alignment
+convention for causal Sq != Sk matters.
+
+Backends (chosen per call by `select_backend`):
+  - "cpu": PyTorch's CPU flash kernel `aten._scaled_dot_product_flash_attention_for_cpu` (returns out + lse; its
+    backward takes the given out/lse; GQA native; fp64/fp32/bf16; skips masked blocks);
+  - "flash": flash-attn's `_flash_attn_forward/_backward` (CUDA; bf16/fp16), chosen automatically for CUDA tensors when
+    flash-attn imports. On CPU the same code runs on trl_longpo's flash-attn stand-in (tests).
+The dense boolean mask (`tree_mask`) is the reference in tests only; training never builds an L x L mask.
+
+Plans plug into the existing seam (`trl_longpo.attention.ring`): `TreeAttentionPlan` implements `RingPlan.attend`,
+so a model switched to the "ring_attention" implementation and given `ring_attention=RingAttentionState(plan=...)`
+runs tree attention; under sequence parallelism the plan also all-gathers K/V over the SP group
+(`trl_longpo.sequence_parallel.tree`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Tree:
+    """One packed tree: `trunk` shared tokens, then each branch's tokens. A tree without branches is a plain causal
+    segment (padding under SP)."""
+
+    trunk: int
+    branches: tuple[int, ...] = ()
+
+    @property
+    def length(self) -> int:
+        return self.trunk + sum(self.branches)
+
+
+@dataclass(frozen=True)
+class Block:
+    """Queries [q_start, q_start + q_len) attend keys [k_start, k_start + k_len): all of them, or causally (a square
+    block on the diagonal, q_len == k_len). `first`: the first block of its query range (its result is assigned, not
+    merged). Coordinates are rows of the q and k tensors the plan is applied to."""
+
+    q_start: int
+    q_len: int
+    k_start: int
+    k_len: int
+    causal: bool
+    first: bool = True
+
+    @property
+    def q(self) -> slice:
+        return slice(self.q_start, self.q_start + self.q_len)
+
+    @property
+    def k(self) -> slice:
+        return slice(self.k_start, self.k_start + self.k_len)
+
+
+def tree_blocks(trees: Sequence[Tree]) -> list[Block]:
+    """Global blocks of packed trees: `[trunk][branch 0]` causal; each later branch causal on itself and full on the
+    trunk."""
+    blocks, offset = [], 0
+    for tree in trees:
+        head = tree.trunk + (tree.branches[0] if tree.branches else 0)
+        if head:
+            blocks.append(Block(offset, head, offset, head, causal=True))
+        start = offset + head
+        for length in tree.branches[1:]:
+            if length:
+                blocks.append(Block(start, length, start, length, causal=True))
+                if tree.trunk:
+                    blocks.append(Block(start, length, offset, tree.trunk, causal=False, first=False))
+            start += length
+        offset += tree.length
+    return blocks
+
+
+def tree_mask(trees: Sequence[Tree]) -> torch.Tensor:
+    """Dense (N, N) boolean mask of packed trees (True = key visible). Test reference only."""
+    total = sum(t.length for t in trees)
+    mask = torch.zeros(total, total, dtype=torch.bool)
+    for b in tree_blocks(trees):
+        part = torch.ones(b.q_len, b.k_len, dtype=torch.bool)
+        mask[b.q, b.k] = part.tril() if b.causal else part
+    return mask
+
+
+# ------------------------------------------------------------------------------------------------------- backends
+# Both take q (S, H, D), k/v (S_k, H_k, D) and return out (S, H, D) and lse (H, S); backward returns dq, dk, dv.
+
+
+def _cpu_forward(q, k, v, causal: bool, scale: float):
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        *(x.transpose(0, 1).unsqueeze(0) for x in (q, k, v)), 0.0, causal, scale=scale
+    )
+    return out[0].transpose(0, 1), lse[0]
+
+
+def _cpu_backward(dout, q, k, v, out, lse, causal: bool, scale: float):
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        *(x.transpose(0, 1).unsqueeze(0) for x in (dout, q, k, v, out)), lse.unsqueeze(0), 0.0, causal, scale=scale
+    )
+    return tuple(g[0].transpose(0, 1) for g in grads)
+
+
+def _flash_interface():
+    import importlib
+
+    return importlib.import_module("flash_attn.flash_attn_interface")
+
+
+def _flash_forward(q, k, v, causal: bool, scale: float, interface=None):
+    fa = interface or _flash_interface()
+    out, lse, *_ = fa._flash_attn_forward(q[None], k[None], v[None], 0.0, scale, causal, -1, -1, 0.0, None, False)
+    return out[0], lse[0]
+
+
+def _flash_backward(dout, q, k, v, out, lse, causal: bool, scale: float, interface=None):
+    fa = interface or _flash_interface()
+    dq, dk, dv = torch.empty_like(q[None]), torch.empty_like(k[None]), torch.empty_like(v[None])
+    fa._flash_attn_backward(
+        dout[None].contiguous(), q[None], k[None], v[None], out[None], lse[None].contiguous(), dq, dk, dv,
+        0.0, scale, causal, -1, -1, 0.0, None, False, None,
+    )  # fmt: skip
+    return dq[0], dk[0], dv[0]
+
+
+@dataclass(frozen=True)
+class TreeBackend:
+    name: str
+    forward: Callable
+    backward: Callable
+
+
+def _stand_in_backend() -> TreeBackend:
+    """flash-attn's calling convention on trl_longpo's CPU stand-in (tests of the GPU code path without a GPU)."""
+    from trl_longpo.attention import flash_attn_cpu
+
+    return TreeBackend(
+        "flash_stand_in",
+        functools.partial(_flash_forward, interface=flash_attn_cpu),
+        functools.partial(_flash_backward, interface=flash_attn_cpu),
+    )
+
+
+BACKENDS: dict[str, Callable[[], TreeBackend]] = {
+    "cpu": lambda: TreeBackend("cpu", _cpu_forward, _cpu_backward),
+    "flash": lambda: TreeBackend("flash", _flash_forward, _flash_backward),
+    "flash_stand_in": _stand_in_backend,
+}
+
+
+@functools.cache
+def _real_flash_attn_available() -> bool:
+    from trl_longpo.attention.kernels import flash_attn_backend
+
+    if flash_attn_backend() == "cpu_stand_in":
+        return False
+    try:
+        _flash_interface()
+    except (ImportError, OSError):
+        return False
+    return True
+
+
+def select_backend(device: torch.device) -> str:
+    """"flash" for CUDA tensors when flash-attn imports, "cpu" for CPU tensors; anything else is refused."""
+    if device.type == "cpu":
+        return "cpu"
+    if device.type == "cuda" and _real_flash_attn_available():
+        return "flash"
+    raise RuntimeError(
+        f"tree attention (share_prompt=True) on {device.type} needs flash-attn (pip install flash-attn) on CUDA; "
+        "on CPU it uses PyTorch's CPU flash kernel. Set share_prompt=False to run the unshared path instead."
+    )
+
+
+# ----------------------------------------------------------------------------------------------- block attention
+
+
+def _gather(x: torch.Tensor, group) -> torch.Tensor:
+    full = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
+    dist.all_gather_into_tensor(full, x.contiguous(), group=group)
+    return full
+
+
+def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
+    local = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
+    dist.reduce_scatter_tensor(local, x.contiguous(), op=dist.ReduceOp.SUM, group=group)
+    return local
+
+
+class _BlockAttention(torch.autograd.Function):
+    """Exact attention over a union of blocks. With `group`, k/v are this rank's shard and are all-gathered (rank-major)
+    in forward and again in backward (only the local shard is saved); dk/dv are reduce-scattered back."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, blocks, scale, backend, group):
+        k_all, v_all = (_gather(k, group), _gather(v, group)) if group is not None else (k, v)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        out = q.new_zeros(q.shape[:-1] + v.shape[-1:], dtype=acc)
+        lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc)
+        for b in blocks:
+            o_b, l_b = backend.forward(q[b.q], k_all[b.k], v_all[b.k], b.causal, scale)
+            o_b, l_b = o_b.to(acc), l_b.to(acc)
+            if b.first:
+                out[b.q], lse[:, b.q] = o_b, l_b
+                continue
+            old = lse[:, b.q]
+            new = torch.logaddexp(old, l_b)
+            out[b.q] = out[b.q] * (old - new).exp().T.unsqueeze(-1) + o_b * (l_b - new).exp().T.unsqueeze(-1)
+            lse[:, b.q] = new
+        out = out.to(q.dtype)
+        lse = lse.float() if acc == torch.float32 else lse
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.blocks, ctx.scale, ctx.backend, ctx.group = blocks, scale, backend, group
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        group = ctx.group
+        k_all, v_all = (_gather(k, group), _gather(v, group)) if group is not None else (k, v)
+        acc = torch.promote_types(q.dtype, torch.float32)
+        dout = dout.contiguous()
+        dq = torch.zeros_like(q, dtype=acc)
+        dk, dv = torch.zeros_like(k_all, dtype=acc), torch.zeros_like(v_all, dtype=acc)
+        for b in ctx.blocks:
+            gq, gk, gv = ctx.backend.backward(
+                dout[b.q], q[b.q], k_all[b.k], v_all[b.k], out[b.q], lse[:, b.q], b.causal, ctx.scale
+            )
+            dq[b.q] += gq
+            dk[b.k] += gk
+            dv[b.k] += gv
+        if group is not None:
+            dk, dv = _reduce_scatter(dk, group), _reduce_scatter(dv, group)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
+
+
+def block_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    blocks: Sequence[Block],
+    *,
+    scale: float | None = None,
+    backend: str | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> torch.Tensor:
+    """Attention of q (T, H, D) over k/v (T_k, H_k, D) restricted to `blocks` (every query must be in one)."""
+    name = backend or select_backend(q.device)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _BlockAttention.apply(q, k, v, tuple(blocks), scale, BACKENDS[name](), group)
+
+
+@dataclass(frozen=True)
+class TreeAttentionPlan:
+    """A `RingPlan` for packed trees: `blocks` in (local query row, key row) coordinates. With `gather_group` set
+    (sequence parallelism) key rows index the rank-major all-gather of every rank's local tokens."""
+
+    blocks: tuple[Block, ...]
+    num_local_tokens: int
+    gather_group: dist.ProcessGroup | None = None
+    backend: str | None = None  # None: `select_backend` for the tensors' device
+    impl: str = field(default="tree", init=False)
+    needs_half_precision: bool = field(default=False, init=False)
+
+    def compute_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        if (self.backend or select_backend(device)) == "flash" and dtype == torch.float32:
+            return torch.bfloat16  # flash-attn has no fp32 kernels
+        return dtype
+
+    def attend(self, q, k, v, *, softmax_scale, group=None, heads_k_stride=1):
+        return block_attention(
+            q, k, v, self.blocks, scale=softmax_scale, backend=self.backend, group=self.gather_group
+        )
+
+
+def plan_for_trees(trees: Sequence[Tree], backend: str | None = None) -> TreeAttentionPlan:
+    """The unsplit plan of packed trees (one device)."""
+    return TreeAttentionPlan(tuple(tree_blocks(trees)), sum(t.length for t in trees), backend=backend)
+
+
+@contextlib.contextmanager
+def attn_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
+    """Run `model` with attention implementation `name` inside the block (forwards without gradient checkpointing
+    only: a checkpoint recomputed after the block exits would use the restored implementation)."""
+    from trl_longpo.modeling import base_model
+
+    base = base_model(model)
+    previous = base.config._attn_implementation
+    if previous == name:
+        yield
+        return
+    base.set_attn_implementation(name)
+    try:
+        yield
+    finally:
+        base.set_attn_implementation(previous)
