@@ -43,7 +43,7 @@ def test_tiny_cpu_config_trains_and_saves(tmp_path):
 
 
 def test_accelerate_launch_two_process_sequence_parallel(tmp_path):
-    """`accelerate launch --multi_gpu --num_processes 2` on CPU: sp=2 ring attention (gloo), trains, saves, reloads."""
+    """`accelerate launch --multi_gpu --num_processes 2` on CPU: sp=2 (gloo, shared prompt by default), trains, saves, reloads."""
     out = tmp_path / "run"
     cmd = [
         sys.executable,
@@ -69,7 +69,8 @@ def test_accelerate_launch_two_process_sequence_parallel(tmp_path):
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=400)
     assert result.returncode == 0, result.stderr[-4000:]
-    assert "flash-attn stand-in" in result.stderr  # the ring ran on the CPU kernels (they warn once per process)
+    # share_prompt (the default) under SP: tree attention over all-gathered K/V, said once per rank
+    assert result.stderr.count("share_prompt=True under sequence parallelism") == 2
     model = AutoModelForCausalLM.from_pretrained(out)
     initial = AutoModelForCausalLM.from_pretrained(tmp_path / "tiny-mistral")
     assert model.config._attn_implementation != "ring_attention"  # the saved model loads with a standard backend

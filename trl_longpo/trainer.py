@@ -308,6 +308,14 @@ class LongPOTrainer(DPOTrainer):
             f"Sequence parallelism: {mesh.dp_size} data-parallel group(s) × {mesh.sp_size} ranks, ring "
             f"'{args.ring_attn_impl}', reference '{args.sequence_parallel_reference}'."
         )
+        if args.share_prompt and mesh.sp_size > 1:
+            # Said at warning level because it changes the communication pattern the user configured
+            logger.warning(
+                f"share_prompt=True under sequence parallelism: each layer all-gathers K/V over the SP group and runs "
+                f"tree attention on its own queries (ring_attn_impl='{args.ring_attn_impl}' keeps its token layout, "
+                "but K/V do not travel by the P2P ring: a ring step's key block would cut across branches). Set "
+                "share_prompt=False for ring-flash-attn's ring schedule."
+            )
 
     def get_total_train_batch_size(self, args) -> int:
         # An SP group reads one batch: the effective batch counts dp groups, not ranks. (Trainer's own `get_sp_size`
