@@ -21,12 +21,15 @@ from distributed import init_rank, launch, write_result
 
 ROWS_PER_GROUP = 2
 REL_TOL = 1e-5
-# name: (ring implementation, extra LongPOConfig options)
+# name: (ring implementation, extra LongPOConfig options). Shared prompt (the default) and the two-sequence layout
+# (ring-flash-attn's ring schedule) are both compared with the unsplit UNSHARED trainer.
 SCENARIOS = {
     "zigzag": ("zigzag", {}),
     "llama3": ("llama3", {}),
     "zigzag_local_reference": ("zigzag", {"sequence_parallel_reference": "local"}),
     "llama3_precomputed_reference": ("llama3", {"precompute_ref_log_probs": True}),
+    "zigzag_unshared": ("zigzag", {"share_prompt": False}),
+    "llama3_unshared": ("llama3", {"share_prompt": False}),
 }
 TOKEN_METRICS = ("entropy", "mean_token_accuracy", "num_tokens")
 LOSS_METRICS = (
@@ -153,7 +156,10 @@ def _unsplit(tokenizer, dp_size: int, tmp_path) -> tuple[list[float], dict, dict
 
     dataset = Dataset.from_list(_rows(dp_size))
     trainer = LongPOTrainer(
-        model=_model(), args=_args(tmp_path / "unsplit"), train_dataset=dataset, processing_class=tokenizer
+        model=_model(),
+        args=_args(tmp_path / "unsplit", share_prompt=False),
+        train_dataset=dataset,
+        processing_class=tokenizer,
     )
     initial = copy.deepcopy(trainer.model.state_dict())
     losses, metrics, grads = [], [], {}
