@@ -92,6 +92,8 @@ def test_demo_command(tmp_path, capsys):
     code = main(
         [
             "demo",
+            "--model",
+            "tiny",
             "--output",
             str(tmp_path / "demo"),
             "--num_documents",
