@@ -36,11 +36,13 @@ SMOLLM2_QUESTION_TEMPLATE = (
 # Per-model defaults; a field left at None in DemoConfig takes the value of the preset for its model.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
-        num_documents=16, doc_chars=6000, chunk_tokens=256, turns_per_doc=2, max_new_tokens=16, train_steps=8,
+        num_documents=16, doc_chars=6000, max_doc_tokens=4096, chunk_tokens=256, turns_per_doc=2, max_new_tokens=16,
+        train_steps=8,
         learning_rate=1e-4, probe_lengths=[256, 512], probes_per_length=2,
     ),
     "real": dict(
-        num_documents=12, doc_chars=4000, chunk_tokens=192, turns_per_doc=1, max_new_tokens=64, train_steps=12,
+        num_documents=10, doc_chars=2500, max_doc_tokens=1536, chunk_tokens=192, turns_per_doc=1, max_new_tokens=48,
+        train_steps=10,
         learning_rate=2e-5, probe_lengths=[256, 1024, 2048], probes_per_length=4,
     ),
 }
@@ -56,15 +58,18 @@ class DemoConfig:
         },
     )
     output: str = field(default="outputs/demo", metadata={"help": "Directory for the model, data and trained model."})
-    num_documents: int | None = field(default=None, metadata={"help": "Documents to generate from (tiny 16, else 12)."})
+    num_documents: int | None = field(default=None, metadata={"help": "Documents to generate from (tiny 16, else 10)."})
     doc_chars: int | None = field(
-        default=None, metadata={"help": "Characters per built-in document (tiny 6000 ~2K tokens, else 4000 ~1.2K)."}
+        default=None, metadata={"help": "Characters per built-in document (tiny 6000 ~2K tokens, else 2500 ~1.2K)."}
+    )
+    max_doc_tokens: int | None = field(
+        default=None, metadata={"help": "Longest document (long prompt) in tokens (tiny 4096, else 1536)."}
     )
     chunk_tokens: int | None = field(default=None, metadata={"help": "Tokens per short chunk (tiny 256, else 192)."})
     turns_per_doc: int | None = field(default=None, metadata={"help": "Turns (chunks) per document (tiny 2, else 1)."})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "Answer tokens (tiny 16, else 64)."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Answer tokens (tiny 16, else 48)."})
     train_steps: int | None = field(
-        default=None, metadata={"help": "LongPOTrainer optimisation steps; 0 skips training (tiny 8, else 12)."}
+        default=None, metadata={"help": "LongPOTrainer optimisation steps; 0 skips training (tiny 8, else 10)."}
     )
     learning_rate: float | None = field(default=None, metadata={"help": "Learning rate (tiny 1e-4, else 2e-5)."})
     probe_lengths: list[int] | None = field(
@@ -109,7 +114,7 @@ def demo_generation_config(demo: DemoConfig, model_dir: str) -> GenerationConfig
         output=str(Path(demo.output) / "data"),
         pydoc_doc_chars=demo.doc_chars,
         min_doc_tokens=2 * demo.chunk_tokens,
-        max_doc_tokens=4096,
+        max_doc_tokens=demo.max_doc_tokens,
         max_documents=demo.num_documents,
         chunk_tokens=demo.chunk_tokens,
         turns_per_doc=demo.turns_per_doc,
@@ -127,7 +132,7 @@ def demo_generation_config(demo: DemoConfig, model_dir: str) -> GenerationConfig
         **common,
         instruction_template=SMOLLM2_QUESTION_TEMPLATE,
         num_instructions=3,
-        instruction_max_new_tokens=64,
+        instruction_max_new_tokens=48,
         on_parse_failure="fallback",  # counted in stats.md; a 135M model sometimes writes no parsable list
         temperature=0.7,
         top_p=0.9,
