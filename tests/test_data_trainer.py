@@ -111,3 +111,8 @@ def test_demo_command(tmp_path, capsys):
     assert (tmp_path / "demo" / "trained" / "config.json").exists()
     assert (tmp_path / "demo" / "data" / "stats.md").exists()
     assert len(datasets.load_from_disk(str(tmp_path / "demo" / "data" / "dataset"))) == summary["rows"]
+    # retention metrics before and after training, and the plot of the curves
+    assert {"eval_long/acc@256", "eval_long/acc@512", "eval_short/acc@256", "eval_short/kl"} <= set(summary["retention"])
+    assert summary["retention"]["eval_short/kl"][0] == 0.0  # the policy starts as the reference
+    assert "[demo] a generated row:" in printed and "retention metrics" in printed
+    assert open(summary["plot"], "rb").read(4) == b"\x89PNG"

@@ -183,8 +183,12 @@ class LongPOConfig(DPOConfig):
         },
     )
     retention_max_new_tokens: int = field(
-        default=12,
-        metadata={"help": "Greedy tokens decoded per retrieval probe (a fixed count: no early stop)."},
+        default=24,
+        metadata={
+            "help": "Greedy tokens decoded per retrieval probe (a fixed count: no early stop). Instruct models often "
+            "restate the question before the number (\"The secret number of the silver fox is 35485.\" is ~16 "
+            "tokens for SmolLM2), and a cut answer scores as wrong."
+        },
     )
     retention_documents: str | None = field(
         default=None,

@@ -38,12 +38,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         num_documents=16, doc_chars=6000, max_doc_tokens=4096, chunk_tokens=256, turns_per_doc=2, max_new_tokens=16,
         train_steps=8,
-        learning_rate=1e-4, probe_lengths=[256, 512], probes_per_length=2,
+        learning_rate=1e-4, probe_lengths=[256, 512], probes_per_length=2, probe_new_tokens=8,
     ),
     "real": dict(
         num_documents=10, doc_chars=2500, max_doc_tokens=1536, chunk_tokens=192, turns_per_doc=1, max_new_tokens=48,
         train_steps=10,
-        learning_rate=2e-5, probe_lengths=[256, 1024, 2048], probes_per_length=4,
+        learning_rate=2e-5, probe_lengths=[256, 1024, 2048], probes_per_length=4, probe_new_tokens=24,
     ),
 }
 
@@ -76,6 +76,10 @@ class DemoConfig:
         default=None, metadata={"help": "Retention probe prompt lengths in tokens (tiny 256 512, else 256 1024 2048)."}
     )
     probes_per_length: int | None = field(default=None, metadata={"help": "Retrieval probes per length (tiny 2, else 4)."})
+    probe_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Greedy tokens per probe answer (tiny 8, else 24: SmolLM2 restates the question first)."},
+    )
     seed: int = field(default=0, metadata={"help": "Seed for generation, probes and training."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     overwrite: bool = field(
@@ -158,6 +162,7 @@ def train_on(
         save_strategy="no",
         report_to="none",
         bf16=False,
+        gradient_checkpointing=False,  # ~2K-token demo rows fit without it; recomputing layers costs ~30% per step
         max_length=None,
         seed=demo.seed,
         dataloader_num_workers=0,
@@ -166,7 +171,7 @@ def train_on(
         retention_probe_lengths=demo.probe_lengths,
         retention_probes_per_length=demo.probes_per_length,
         retention_short_samples=8,
-        retention_max_new_tokens=8,
+        retention_max_new_tokens=demo.probe_new_tokens,
     )
     trainer = LongPOTrainer(
         model=model_dir,
