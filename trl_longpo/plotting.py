@@ -73,10 +73,12 @@ def plot_training(path: str | Path, output: str | Path | None = None) -> Path:
         for key, (steps, values) in sorted(series.items()):
             ax.plot(steps, values, marker="o" if len(steps) < 20 else None, markersize=3, label=key)
         ax.set_title(panel)
+        if panel == "long-context probe accuracy":
+            ax.set_ylim(-0.05, 1.05)  # an accuracy: a flat line at 1.0 should look like one
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(str(state_file.parent), fontsize=8)
+    fig.suptitle(state_file.parent.name, fontsize=8)  # the run's name, not a machine-specific path
     fig.tight_layout()
     output.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(output, dpi=110)
