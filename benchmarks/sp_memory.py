@@ -1,50 +1,42 @@
 #!/usr/bin/env python
 """Sequence-parallel memory and step-time benchmark (a script, not a test).
 
-    python benchmarks/sp_memory.py                       # L in {2K, 4K, 8K, 16K} x sp in {1, 2, 4}, zigzag (~6 min, 2 cores)
+    python benchmarks/sp_memory.py                       # one row, L in {2K, 4K, 8K, 16K} x sp in {1, 2, 4}, zigzag
+    python benchmarks/sp_memory.py --pair 128 --lengths 2K,4K,8K   # a LongPO pair: unshared vs shared prompt
     python benchmarks/sp_memory.py --quick               # smoke run (~15 s)
     python benchmarks/sp_memory.py --impl llama3 --lengths 4K,8K --sp 1,2
 
-What runs: one forward + backward of `trl_longpo.sequence_parallel.sp_log_probs` (pack, shard, ring attention, per-row
-log-prob sums with an autograd all-reduce; the trainer's `sp_fused_row_sums` is the same path with TRL's fused LM head,
-which keeps no logits, so the LM-head/loss share measured here is an upper bound for training) on ONE row of L tokens
-with a small randomly initialised Mistral-architecture model (`trl_longpo.tiny.build_tiny_model`), on CPU over gloo,
-one spawned process per rank (1 torch thread each), a fresh process group per (sp, L) so that every measurement starts
-from a clean process. sp=1 is the same code with an SP group of one (plain varlen attention, no ring). Attention runs on
-trl_longpo's pure-PyTorch flash-attn stand-in, in bf16 (as on GPUs); the rest of the model runs in --dtype (default
-fp32: this CPU class has no fast bf16 matmul).
+What runs: one forward + backward of `trl_longpo.sequence_parallel.shard_log_probs` (ring attention, per-row log-prob
+sums with an autograd all-reduce; the trainer scores through TRL's fused LM head, which keeps no logits, so the
+LM-head/loss share measured here is an upper bound) with a small random Mistral-architecture model
+(`trl_longpo.tiny.build_tiny_model`), on CPU over gloo, one fresh process per rank (1 torch thread), one launch per
+(sp, L). sp=1 is the same code with an SP group of one. Inputs: ONE row of L tokens (default), or with `--pair A` a
+LongPO pair, prompt L + chosen and rejected answers of A tokens, measured twice in the same launch: "unshared" (two
+rows, `share_prompt=False`) and "shared" (one tree [prompt][chosen][rejected], `share_prompt=True`:
+`pack_shared_prompts` + `shard_trees`, tree attention, K/V all-gathered over the SP group). Attention in bf16 (the
+ring on trl_longpo's flash-attn stand-in, the tree on PyTorch's CPU flash kernel); the rest in --dtype (default fp32).
 
-What is measured, per rank:
-  * activation memory (the primary number, the one sequence parallelism divides): the bytes of every tensor saved for
-    backward during the forward, seen through `torch.autograd.graph.saved_tensors_hooks`, counted once per unique
-    storage (`untyped_storage().nbytes()`), EXCLUDING parameter storages (weights do not grow with L). Recorded at the
-    end of the forward, which is when the autograd graph holds the most. It does not include transient buffers
-    (attention score blocks of the CPU stand-in, ring send/receive buffers, gradients): on a GPU those belong to the
-    flash-attn kernels / allocator, not to the model's activations.
-  * peak RSS delta (secondary, CPU-specific): the process's peak resident set size during the step minus its RSS right
-    before it (Linux VmHWM, reset through /proc/self/clear_refs; falls back to sampling RSS every 5 ms). It includes
-    the stand-in's dense attention score blocks (bounded at 2^24 fp32 elements per query chunk), the logits, gloo
-    buffers and parameter gradients, i.e. a fixed overhead that does not shrink with sp.
-  * step time: wall-clock seconds of forward + backward on each rank (the max over ranks is reported), and the rank's
-    CPU seconds (process_time, max over ranks). On a 2-core machine sp=4 runs 4 ranks on 2 cores, so wall time includes waiting for a
-    core; CPU seconds per rank is the better proxy for per-device compute. The CPU stand-in computes every causal
-    block densely (masked, not skipped), so sp=1 does ~2x the necessary attention FLOPs and zigzag's off-diagonal
-    blocks do exactly what they need: per-rank attention compute at sp=W is ~(W+1)/(2W^2) of sp=1, less than 1/W.
-    Time ratios here are NOT predictions for GPUs (flash-attn skips masked blocks; NVLink vs gloo over loopback).
+Measured, per rank:
+  * activations (the primary number): the bytes of every tensor saved for backward during the forward
+    (`torch.autograd.graph.saved_tensors_hooks`), once per storage, parameters excluded, at the end of the forward.
+    Transient buffers (attention score blocks, ring / all-gather buffers, gradients) are not included.
+  * peak RSS Δ (secondary, CPU-specific): peak resident memory during the step minus RSS before it (VmHWM); it
+    includes the stand-in's dense score blocks, logits, gloo buffers and gradients (a fixed overhead, not / sp).
+  * step time, wall and CPU seconds (max over ranks). Not a GPU prediction: sp=4 shares 2 cores, the stand-in computes
+    causal blocks densely (per-rank attention work at sp=W is ~(W+1)/(2W^2) of sp=1).
 
-Also printed: a breakdown of activation bytes per token by where it is saved (decoder layer, LM head, loss) and by
-tensor width (hidden, MLP, kv, ...), measured with the model in bf16 on one short row ("bf16 probe"), and its
-extrapolation to Mistral-7B widths (hidden 4096, MLP 14336, 32 heads / 8 kv heads of 128, vocab 32000, 32 layers): each
-width class is scaled by the ratio of widths, dtypes stay as measured. The extrapolation is arithmetic, not a
-measurement.
+Also printed: activation bytes per token by where they are saved and by tensor width, from a bf16 forward at sp=1
+(the "probe"; with --pair on the shared tree), scaled to Mistral-7B widths (hidden 4096, MLP 14336, 32 / 8 heads of
+128, vocab 32000, 32 layers) — arithmetic, not a measurement.
 
-Target checked at the longest L: per-rank activation memory at sp=W <= 1.2/W of sp=1 (PASS/FAIL per W; exit status 1
-on any FAIL).
+Targets at the longest L (exit status 1 on any FAIL): per-rank activations at sp=W <= 1.2/W of sp=1 (each mode); with
+--pair, shared <= 0.6 x unshared at every sp.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -67,17 +59,10 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
 
 MIB = 1 << 20
 TARGET_SLACK = 1.2  # activation memory at sp=W must be <= TARGET_SLACK / W of sp=1
+PAIR_TARGET = 0.6  # a shared-prompt pair's activation memory must be <= PAIR_TARGET of the unshared pair's
 
 # Mistral-7B-v0.1/v0.2 widths, for the extrapolation.
-MISTRAL_7B = {
-    "hidden": 4096,
-    "intermediate": 14336,
-    "heads": 32,
-    "kv_heads": 8,
-    "head_dim": 128,
-    "vocab": 32000,
-    "layers": 32,
-}
+MISTRAL_7B = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, vocab=32000, layers=32)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -129,22 +114,8 @@ class SavedTensorMeter:
             return "vocab"
         if numel % t:
             return "fixed"
-        width = numel // t
-        names = [
-            name
-            for name, w in (
-                ("hidden", d["hidden"]),
-                ("mlp", d["intermediate"]),
-                ("kv", d["kv_heads"] * d["head_dim"]),
-                ("heads", d["heads"]),
-                ("head_dim", d["head_dim"]),
-                ("scalar", 1),
-            )
-            if w == width
-        ]
-        if not names:
-            return f"width{width}"
-        return "|".join(names)
+        names = [n for n in ("hidden", "mlp", "kv", "heads", "head_dim", "scalar") if _width(d, n) == numel // t]
+        return "|".join(names) or f"width{numel // t}"
 
     def pack(self, tensor):
         torch = self.torch
@@ -230,16 +201,48 @@ def _malloc_trim() -> None:
         pass
 
 
-def _rows(length: int, vocab: int, seed: int):
+def _rows(length: int, vocab: int, seed: int, count: int = 1):
     import torch
 
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, vocab, (1, length), generator=g)
-    return ids, ids.clone()
+    return torch.randint(5, vocab, (count, length), generator=torch.Generator().manual_seed(seed))
 
 
-def run_rank(job: dict) -> dict:
-    """One (sp, L) measurement on this rank of an initialised gloo world of size sp."""
+def make_shard(job: dict, context, length: int, mode: str):
+    """This rank's shard of one measured input. "row": one row of `length` tokens. A LongPO pair, prompt `length` +
+    chosen and rejected answers of job["answer"] tokens: "unshared" = two rows (prompt twice), "shared" = one tree
+    [prompt][chosen][rejected] (`share_prompt=True`: `pack_shared_prompts` + `shard_trees`, tree attention)."""
+    from types import SimpleNamespace
+
+    import torch
+
+    if mode == "row":
+        ids = _rows(length, job["vocab"], seed=length)
+        return context.shard(ids, ids.clone())
+    prompt = _rows(length, job["vocab"], seed=length)
+    ids = torch.cat([prompt.expand(2, -1), _rows(job["answer"], job["vocab"], seed=length + 1, count=2)], dim=1)
+    scored = torch.ones_like(ids, dtype=torch.bool)  # chosen: whole sequence (NLL), rejected: its answer
+    scored[:, 0] = False
+    scored[1, :length] = False
+    if mode == "unshared":
+        return context.shard(ids, ids.masked_fill(~scored, -100))
+    from trl_longpo.packing import pack_shared_prompts, pair_groups
+    from trl_longpo.sequence_parallel.tree import shard_trees
+
+    mesh = context.mesh
+    packed = pack_shared_prompts(ids, torch.ones_like(ids), [scored], pair_groups([length]))
+    tree = shard_trees(
+        packed, sp_rank=mesh.sp_rank, sp_size=mesh.sp_size, impl=context.ring_attn_impl,
+        group=mesh.sp_group if mesh.sp_size > 1 else None,
+    )  # fmt: skip
+    labels = tree.targets.masked_fill(~tree.masks[0], -100)
+    return SimpleNamespace(  # what `shard_log_probs` reads of a PackedShard
+        input_ids=tree.input_ids[None], position_ids=tree.position_ids[None], labels=labels[None],
+        row_index=tree.row_index, num_rows=tree.num_rows, plan=tree.plan,
+    )  # fmt: skip
+
+
+def run_rank(job: dict) -> list[dict]:
+    """The (sp, L) measurements of `job["modes"]` on this rank of an initialised gloo world of size sp."""
     import torch
     import torch.distributed as dist
 
@@ -247,47 +250,30 @@ def run_rank(job: dict) -> dict:
         SequenceParallelContext,
         init_sequence_parallel_mesh,
         prepare_model_for_sequence_parallel,
-        sp_log_probs,
+        shard_log_probs,
     )
     from trl_longpo.tiny import build_tiny_model
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[job["dtype"]]
     sp = dist.get_world_size()
     mesh = init_sequence_parallel_mesh(sp)
+    d = tiny_dims(job)
     model = build_tiny_model(
-        vocab_size=job["vocab"],
-        hidden_size=job["hidden"],
-        num_layers=job["layers"],
-        num_heads=job["heads"],
-        num_kv_heads=job["kv_heads"],
-        seed=0,
-    ).to(dtype)
+        vocab_size=d["vocab"], hidden_size=d["hidden"], num_layers=d["layers"], num_heads=d["heads"],
+        num_kv_heads=d["kv_heads"], seed=0,
+    ).to(dtype)  # fmt: skip
+    assert model.config.intermediate_size == d["intermediate"], "tiny_dims must match build_tiny_model"
     model.train()
     context = SequenceParallelContext(
-        mesh,
-        ring_attn_impl=job["impl"],
-        heads_k_stride=job["heads_k_stride"],
-        attention_dtype=torch.bfloat16,
+        mesh, ring_attn_impl=job["impl"], heads_k_stride=job["heads_k_stride"], attention_dtype=torch.bfloat16
     )
     prepare_model_for_sequence_parallel(model, context)
-    dims = {
-        "hidden": job["hidden"],
-        "intermediate": model.config.intermediate_size,
-        "heads": job["heads"],
-        "kv_heads": job["kv_heads"],
-        "head_dim": job["hidden"] // job["heads"],
-        "vocab": job["vocab"],
-    }
 
-    def step(length: int, meter: SavedTensorMeter | None = None, backward: bool = True) -> dict:
-        ids, labels = _rows(length, job["vocab"], seed=length)
+    def step(shard, meter: SavedTensorMeter | None = None, backward: bool = True) -> dict:
         timings = {}
         t0, c0 = time.perf_counter(), time.process_time()
-        if meter is not None:
-            with meter.hooks():
-                out = sp_log_probs(model, ids, labels, context=context)
-        else:
-            out = sp_log_probs(model, ids, labels, context=context)
+        with meter.hooks() if meter is not None else contextlib.nullcontext():
+            out = shard_log_probs(model, shard, context)
         t1, c1 = time.perf_counter(), time.process_time()
         saved = meter.finish() if meter is not None else None
         timings.update(forward_s=t1 - t0, forward_cpu_s=c1 - c0)
@@ -299,28 +285,34 @@ def run_rank(job: dict) -> dict:
         model.zero_grad(set_to_none=True)
         return {"timings": timings, "saved": saved}
 
-    # Warm-up on a short row: first custom-op call, kernel imports, gloo connections.
-    step(64 * 2 * sp)
-    length = job["length"]
-    local_tokens = length // sp
-    gc.collect()
-    _malloc_trim()
-    dist.barrier()
-    rss = PeakRSS()
-    meter = SavedTensorMeter(model, local_tokens, dims)
-    result = step(length, meter, backward=not job.get("probe", False))
-    rss_delta = rss.stop()
-    dist.barrier()
-    return {
-        "sp": sp,
-        "length": length,
-        "local_tokens": local_tokens,
-        "activation_bytes": result["saved"]["total_bytes"],
-        "breakdown_bytes": result["saved"]["breakdown_bytes"],
-        "rss_delta_bytes": rss_delta,
-        "rss_method": "VmHWM" if rss.use_hwm else "sampled",
-        **result["timings"],
-    }
+    results = []
+    for mode in job["modes"]:
+        step(make_shard(job, context, 64 * 2 * sp, mode))  # warm-up: first kernel calls, imports, gloo connections
+        shard = make_shard(job, context, job["length"], mode)
+        local_tokens = shard.input_ids.size(1)
+        gc.collect()
+        _malloc_trim()
+        dist.barrier()
+        rss = PeakRSS()
+        meter = SavedTensorMeter(model, local_tokens, d)
+        result = step(shard, meter, backward=not job.get("probe", False))
+        rss_delta = rss.stop()
+        dist.barrier()
+        results.append(
+            {
+                "mode": mode,
+                "sp": sp,
+                "length": job["length"],
+                "local_tokens": local_tokens,
+                "activation_bytes": result["saved"]["total_bytes"],
+                "breakdown_bytes": result["saved"]["breakdown_bytes"],
+                "rss_delta_bytes": rss_delta,
+                "rss_method": "VmHWM" if rss.use_hwm else "sampled",
+                **result["timings"],
+            }
+        )
+        del shard, meter
+    return results
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -358,8 +350,8 @@ def _free_port() -> int:
 _preloaded = False
 
 
-def launch(world_size: int, job: dict) -> list[dict]:
-    """Run `job` on `world_size` fresh gloo ranks; return each rank's result.
+def launch(world_size: int, job: dict) -> list[list[dict]]:
+    """Run `job` on `world_size` fresh gloo ranks; return, per mode, each rank's result.
 
     forkserver with preloaded imports (as in tests/test_sequence_parallel.py): torch/transformers are imported once by
     the fork server, and every rank still starts as a fresh process.
@@ -390,9 +382,9 @@ def launch(world_size: int, job: dict) -> list[dict]:
                 raise TimeoutError(f"sp={world_size} L={job['length']} did not finish in {job['timeout']}s")
         results = [json.loads(Path(outdir, f"rank{r}.json").read_text()) for r in range(world_size)]
     for rank, r in enumerate(results):
-        if "error" in r:
+        if isinstance(r, dict):
             raise RuntimeError(f"sp={world_size} L={job['length']} rank {rank} failed:\n{r['error']}")
-    return results
+    return [list(per_mode) for per_mode in zip(*results)]
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -410,61 +402,84 @@ def fmt_len(n: int) -> str:
 
 
 def summarise(rank_results: list[dict]) -> dict:
-    """Per-rank numbers of one (sp, L) run: the max over ranks (the largest / slowest rank sets the step)."""
+    """Per-rank numbers of one (mode, sp, L) run: the max over ranks (the largest / slowest rank sets the step)."""
+    first = rank_results[0]
     return {
-        "sp": rank_results[0]["sp"],
-        "length": rank_results[0]["length"],
-        "local_tokens": rank_results[0]["local_tokens"],
-        "activation_bytes": max(r["activation_bytes"] for r in rank_results),
+        **{k: first[k] for k in ("mode", "sp", "length", "local_tokens", "breakdown_bytes", "rss_method")},
+        **{k: max(r.get(k, math.nan) for r in rank_results) for k in MAXED},
         "activation_bytes_min": min(r["activation_bytes"] for r in rank_results),
-        "rss_delta_bytes": max(r["rss_delta_bytes"] for r in rank_results),
-        "step_s": max(r.get("step_s", math.nan) for r in rank_results),
-        "step_cpu_s": max(r.get("step_cpu_s", math.nan) for r in rank_results),
-        "breakdown_bytes": rank_results[0]["breakdown_bytes"],
-        "rss_method": rank_results[0]["rss_method"],
     }
 
 
+MAXED = ("activation_bytes", "rss_delta_bytes", "step_s", "step_cpu_s")
+
+
 def results_table(rows: list[dict]) -> str:
-    base = {r["length"]: r for r in rows if r["sp"] == 1}
+    """One line per (mode, L, sp); ratios to sp=1 of the same mode and L."""
+    base = {(r["mode"], r["length"]): r for r in rows if r["sp"] == 1}
     lines = [
         (
-            "| L | sp | tokens/rank | activations MiB/rank | act. ratio | ideal 1/sp | act. bytes/token | "
+            "| mode | L | sp | tokens/rank | activations MiB/rank | act. ratio | ideal 1/sp | act. bytes/token | "
             "peak RSS Δ MiB/rank | RSS ratio | step wall s | wall ratio | step CPU s/rank | CPU ratio |"
         ),
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in sorted(rows, key=lambda r: (r["length"], r["sp"])):
-        b = base.get(r["length"])
+    for r in sorted(rows, key=lambda r: (r["length"], r["mode"] == "shared", r["sp"])):
+        b = base.get((r["mode"], r["length"]))
 
         def ratio(key, r=r, b=b):
             return f"{r[key] / b[key]:.3f}" if b and b[key] else "–"
 
         lines.append(
-            f"| {fmt_len(r['length'])} | {r['sp']} | {r['local_tokens']} | {r['activation_bytes'] / MIB:.1f} | "
-            f"{ratio('activation_bytes')} | {1 / r['sp']:.3f} | {r['activation_bytes'] / r['local_tokens']:,.0f} | "
-            f"{r['rss_delta_bytes'] / MIB:.1f} | {ratio('rss_delta_bytes')} | {r['step_s']:.2f} | {ratio('step_s')} | "
-            f"{r['step_cpu_s']:.2f} | {ratio('step_cpu_s')} |"
+            f"| {r['mode']} | {fmt_len(r['length'])} | {r['sp']} | {r['local_tokens']} | "
+            f"{r['activation_bytes'] / MIB:.1f} | {ratio('activation_bytes')} | {1 / r['sp']:.3f} | "
+            f"{r['activation_bytes'] / r['local_tokens']:,.0f} | {r['rss_delta_bytes'] / MIB:.1f} | "
+            f"{ratio('rss_delta_bytes')} | {r['step_s']:.2f} | {ratio('step_s')} | {r['step_cpu_s']:.2f} | "
+            f"{ratio('step_cpu_s')} |"
+        )
+    return "\n".join(lines)
+
+
+def pair_table(rows: list[dict], answer: int) -> str:
+    """Shared against unshared pair, per (L, sp): per-rank activations and the token-count prediction."""
+    by = {(r["mode"], r["length"], r["sp"]): r for r in rows}
+    lines = [
+        "| prompt L | sp | tokens/rank unshared | shared | act. MiB/rank unshared | shared | shared / unshared | "
+        f"(L + 2a + 1) / 2(L + a), a = {answer} | bytes/token unshared | shared |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (mode, length, w), u in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        sh = by.get(("shared", length, w))
+        if mode != "unshared" or sh is None:
+            continue
+        lines.append(
+            f"| {fmt_len(length)} | {w} | {u['local_tokens']} | {sh['local_tokens']} | "
+            f"{u['activation_bytes'] / MIB:.1f} | {sh['activation_bytes'] / MIB:.1f} | "
+            f"{sh['activation_bytes'] / u['activation_bytes']:.3f} | "
+            f"{(length + 2 * answer + 1) / (2 * (length + answer)):.3f} | "
+            f"{u['activation_bytes'] / u['local_tokens']:,.0f} | {sh['activation_bytes'] / sh['local_tokens']:,.0f} |"
         )
     return "\n".join(lines)
 
 
 def target_checks(rows: list[dict]) -> tuple[list[str], bool]:
+    """At the longest L: per mode, sp=W <= TARGET_SLACK/W of sp=1; a shared pair <= PAIR_TARGET of the unshared."""
     longest = max(r["length"] for r in rows)
-    at = {r["sp"]: r for r in rows if r["length"] == longest}
+    at = {(r["mode"], r["sp"]): r for r in rows if r["length"] == longest}
     lines, ok = [], True
-    if 1 not in at:
-        return [f"target: no sp=1 run at L={fmt_len(longest)}, nothing to compare"], True
-    for w in sorted(at):
-        if w == 1:
-            continue
-        ratio = at[w]["activation_bytes"] / at[1]["activation_bytes"]
-        passed = ratio <= TARGET_SLACK / w
-        ok &= passed
-        lines.append(
-            f"{'PASS' if passed else 'FAIL'}  sp={w} at L={fmt_len(longest)}: per-rank activation memory "
-            f"{ratio:.4f} x sp=1 (target <= {TARGET_SLACK}/{w} = {TARGET_SLACK / w:.4f})"
-        )
+    for (mode, w), r in sorted(at.items()):
+        checks = []
+        if w > 1 and (mode, 1) in at:
+            checks.append((f"x {mode} sp=1", at[mode, 1], TARGET_SLACK / w, f"{TARGET_SLACK}/{w}"))
+        if mode == "shared" and ("unshared", w) in at:
+            checks.append((f"x unshared sp={w}", at["unshared", w], PAIR_TARGET, f"{PAIR_TARGET}"))
+        for what, base, limit, text in checks:
+            ratio = r["activation_bytes"] / base["activation_bytes"]
+            ok &= ratio <= limit
+            lines.append(
+                f"{'PASS' if ratio <= limit else 'FAIL'}  {mode} sp={w} at L={fmt_len(longest)}: per-rank activation "
+                f"memory {ratio:.4f} {what} (target <= {text} = {limit:.4f})"
+            )
     return lines, ok
 
 
@@ -488,6 +503,12 @@ def breakdown_table(bd: dict[str, dict[str, float]]) -> str:
             label = "each decoder layer" if where == "layer" else where
             lines.append(f"| {label} | {cls} | {value:,.1f} |")
     return "\n".join(lines)
+
+
+def tiny_dims(job: dict) -> dict[str, int]:
+    """Tensor widths of the measured model (`build_tiny_model`: MLP = 2 x hidden)."""
+    keys = ("hidden", "heads", "kv_heads", "vocab", "layers")
+    return {**{k: job[k] for k in keys}, "intermediate": 2 * job["hidden"], "head_dim": job["hidden"] // job["heads"]}
 
 
 def _width(dims: dict[str, int], cls: str) -> int | None:
@@ -554,7 +575,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--lengths", default="2K,4K,8K,16K", help="comma-separated tokens per row (2K = 2048)")
+    parser.add_argument(
+        "--lengths", default="2K,4K,8K,16K", help="comma-separated tokens per row (per prompt with --pair; 2K = 2048)"
+    )
+    parser.add_argument(
+        "--pair", type=int, default=0, metavar="A",
+        help="measure a LongPO pair (prompt L + two answers of A tokens) unshared and with the shared prompt",
+    )  # fmt: skip
     parser.add_argument("--sp", default="1,2,4", help="comma-separated sequence-parallel sizes (sp=1 is the baseline)")
     parser.add_argument(
         "--impl", choices=["zigzag", "llama3"], default="zigzag", help="ring-flash-attn implementation"
@@ -582,32 +609,21 @@ def main(argv: list[str] | None = None) -> int:
 
     lengths = sorted(parse_length(x) for x in args.lengths.split(","))
     sps = sorted(int(x) for x in args.sp.split(","))
-    for w in sps:
-        bad = [n for n in lengths if n % (2 * w)]
-        if bad:
-            parser.error(f"lengths {bad} are not multiples of 2*sp={2 * w}")
     probe_len = parse_length(args.probe_length)
     if probe_len == args.vocab or probe_len * args.vocab == 0:
         parser.error("--probe-length must differ from --vocab (tensor widths are classified by size)")
     if args.hidden % args.heads or args.heads % args.kv_heads:
         parser.error("--hidden must be divisible by --heads and --heads by --kv-heads")
-    job = {
-        "vocab": args.vocab,
-        "hidden": args.hidden,
-        "layers": args.layers,
-        "heads": args.heads,
-        "kv_heads": args.kv_heads,
-        "impl": args.impl,
-        "heads_k_stride": args.heads_k_stride,
-        "dtype": args.dtype,
-        "timeout": args.timeout,
-    }
+    keys = ("vocab", "hidden", "layers", "heads", "kv_heads", "impl", "heads_k_stride", "dtype", "timeout")
+    job = {k: getattr(args, k) for k in keys} | {"answer": args.pair}
+    job["modes"] = ["unshared", "shared"] if args.pair else ["row"]
     head_dim = args.hidden // args.heads
     print(
         f"# sp_memory: Mistral-architecture model, hidden {args.hidden}, MLP {2 * args.hidden}, {args.layers} layers, "
         f"{args.heads} heads / {args.kv_heads} kv heads of {head_dim}, vocab {args.vocab}; model {args.dtype}, "
         f"attention bf16 on the CPU flash-attn stand-in; ring '{args.impl}'; gloo, 1 thread per rank, "
-        f"{os.cpu_count()} CPU cores",
+        f"{os.cpu_count()} CPU cores"
+        + (f"; LongPO pairs: prompt L + 2 answers of {args.pair}, unshared and shared" if args.pair else ""),
         flush=True,
     )
     start = time.monotonic()
@@ -615,25 +631,32 @@ def main(argv: list[str] | None = None) -> int:
     for length in lengths:
         for w in sps:
             t = time.monotonic()
-            summary = summarise(launch(w, {**job, "length": length}))
-            rows.append(summary)
-            print(
-                f"  L={fmt_len(length):>4} sp={w}: activations {summary['activation_bytes'] / MIB:8.1f} MiB/rank, "
-                f"RSS Δ {summary['rss_delta_bytes'] / MIB:8.1f} MiB, step {summary['step_s']:7.2f} s wall, "
-                f"{summary['step_cpu_s']:7.2f} s CPU/rank ({time.monotonic() - t:.0f} s incl. launch)",
-                flush=True,
-            )
+            for summary in map(summarise, launch(w, {**job, "length": length})):
+                rows.append(summary)
+                print(
+                    f"  {summary['mode']:>8} L={fmt_len(length):>4} sp={w}: activations "
+                    f"{summary['activation_bytes'] / MIB:8.1f} MiB/rank, "
+                    f"RSS Δ {summary['rss_delta_bytes'] / MIB:8.1f} MiB, step {summary['step_s']:7.2f} s wall, "
+                    f"{summary['step_cpu_s']:7.2f} s CPU/rank",
+                    flush=True,
+                )
+            print(f"  ({time.monotonic() - t:.0f} s incl. launch)", flush=True)
 
     print()
-    print("## Per-rank activation memory and step time, ratios to sp=1 at the same L")
+    print("## Per-rank activation memory and step time, ratios to sp=1 at the same mode and L")
     print()
     print(results_table(rows))
     print()
+    if args.pair:
+        print(f"## Shared prompt against two rows, per rank (answers a = {args.pair}; expected ratio = token ratio)")
+        print()
+        print(pair_table(rows, args.pair))
+        print()
     print(
         "activations = bytes of tensors saved for backward at the end of the forward (unique storages, parameters "
         "excluded; saved_tensors_hooks); act. bytes/token = activations / tokens on the rank. peak RSS Δ = peak "
         f"resident memory during the step minus RSS before it ({rows[0]['rss_method']}), including the CPU stand-in's "
-        "attention score blocks. step = forward + backward of sp_log_probs; wall and CPU (process CPU seconds) "
+        "attention score blocks. step = forward + backward of shard_log_probs; wall and CPU (process CPU seconds) "
         "are the max over ranks."
     )
     print()
@@ -643,22 +666,15 @@ def main(argv: list[str] | None = None) -> int:
 
     probe = extrap = None
     if not args.no_probe:
-        probe = summarise(launch(1, {**job, "length": probe_len, "dtype": "bf16", "probe": True}))
+        probe_job = {**job, "length": probe_len, "dtype": "bf16", "probe": True, "modes": job["modes"][-1:]}
+        probe = summarise(launch(1, probe_job)[0])
         bd = per_token_breakdown(probe, args.layers)
-        tiny = {
-            "hidden": args.hidden,
-            "intermediate": 2 * args.hidden,
-            "heads": args.heads,
-            "kv_heads": args.kv_heads,
-            "head_dim": head_dim,
-            "vocab": args.vocab,
-            "layers": args.layers,
-        }
+        tiny = tiny_dims(job)
         extrap = extrapolate(bd, tiny, MISTRAL_7B)
         print()
         print(
-            f"## Activation bytes per token by tensor width, model in bf16 (probe: sp=1, L={fmt_len(probe_len)}, "
-            "forward only)"
+            f"## Activation bytes per token by tensor width, model in bf16 (probe: {probe['mode']}, sp=1, "
+            f"L={fmt_len(probe_len)}, {probe['local_tokens']} tokens, forward only)"
         )
         print()
         print(breakdown_table(bd))
@@ -682,17 +698,21 @@ def main(argv: list[str] | None = None) -> int:
             f"- gradient checkpointing (keeps each layer's bf16 input, {m['hidden'] * 2} B/token/layer, + one layer "
             f"recomputed + outside the layers): {extrap['checkpointed'] / 1024:,.1f} KiB/token"
         )
+        answer = args.pair or 1024
         print(
-            "  A LongPO step's policy forward packs the chosen AND the rejected sequence of each pair: with "
-            "per_device_train_batch_size 1 an SP group holds up to 2 x max_length tokens."
+            "  A LongPO step's policy forward holds one pair per SP group (per_device_train_batch_size 1): unshared "
+            f"2 x max_length tokens; shared prompt max_length + a + 1 (a = rejected answer, here {answer}). Shared, "
+            f"tree attention also all-gathers one layer's K/V (bf16) and dK/dV (fp32) over the SP group: "
+            f"{m['kv_heads'] * m['head_dim'] * 12 // 1024} KiB per SP-group token on every rank, transient, not / sp."
         )
         for max_length in (128 * 1024, 256 * 1024, 512 * 1024):
-            tokens = 2 * max_length
-            gib = extrap["checkpointed"] * tokens / (1 << 30)
-            print(
-                f"  - max_length {fmt_len(max_length)} ({fmt_len(tokens)} tokens per SP group), checkpointed: "
-                f"{gib:,.1f} GiB in total -> " + ", ".join(f"sp={w}: {gib / w:,.1f} GiB/rank" for w in (2, 4, 8, 16))
-            )
+            for name, tokens in (("unshared", 2 * max_length), ("shared", max_length + answer + 1)):
+                gib = extrap["checkpointed"] * tokens / (1 << 30)
+                print(
+                    f"  - max_length {fmt_len(max_length)}, {name} ({tokens:,} tokens per SP group), checkpointed: "
+                    f"{gib:,.1f} GiB in total -> " + ", ".join(f"sp={w}: {gib / w:,.1f}" for w in (2, 4, 8, 16))
+                    + " GiB/rank"
+                )
     print(f"\n(total {time.monotonic() - start:.0f} s)")
     if args.json:
         args.json.write_text(
