@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
 torch.set_num_threads(min(2, torch.get_num_threads()))
+
+ROOT = Path(__file__).resolve().parents[1]
+# `accelerate launch` as a module of this interpreter; port 0: the launcher picks a free one
+ACCELERATE_LAUNCH = ("-m", "accelerate.commands.launch", "--main_process_port", "0")
 
 
 @pytest.fixture(scope="session")
@@ -117,3 +124,40 @@ def perturbed(model, scale: float = 0.02, seed: int = 0):
         for p in policy.parameters():
             p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
     return policy
+
+
+def train_script_command(workdir, config: str, output_dir, *overrides: str, launcher=()) -> list[str]:
+    """`examples/train_mistral.py --config examples/configs/CONFIG` on the tiny model and toy rows in `workdir`.
+
+    The configs set `build_tiny_model` / `build_toy_dataset`, so the first run writes both there and later runs in
+    the same `workdir` load the same model and rows. `launcher`: arguments between the interpreter and the script
+    (e.g. `ACCELERATE_LAUNCH` plus its options); `overrides`: `--field value` pairs after the config.
+    """
+    return [
+        sys.executable,
+        *launcher,
+        str(ROOT / "examples" / "train_mistral.py"),
+        "--config",
+        str(ROOT / "examples" / "configs" / config),
+        "--model_name_or_path",
+        str(Path(workdir) / "tiny-mistral"),
+        "--dataset_name",
+        str(Path(workdir) / "toy.jsonl"),
+        "--output_dir",
+        str(output_dir),
+        *overrides,
+    ]
+
+
+def run_checked(cmd: list[str], cwd, timeout: float = 400) -> subprocess.CompletedProcess:
+    """Run offline with 1 thread per process and this checkout's `trl_longpo` first; fail with the stderr tail."""
+    env = {
+        **os.environ,
+        "TQDM_DISABLE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 _CAUSAL_LM_CLASSES = set(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values())
@@ -44,11 +45,21 @@ def row_sum_dtype(device: torch.device) -> torch.dtype:
 
 
 def base_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside PEFT and DDP / FSDP / DeepSpeed wrappers (which expose it as `.module`)."""
+    """The transformers model inside PEFT and DDP / FSDP / DeepSpeed wrappers."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model
-    while not hasattr(model, "config") and hasattr(model, "module"):
-        model = model.module
+    model = unwrap_engine(model)
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def unwrap_engine(model: nn.Module) -> nn.Module:
+    """The model inside DDP / DeepSpeed wrappers (they expose it as `.module`; FSDP2 shards in place).
+
+    A DeepSpeed engine has a `config` of its own (its DeepSpeed config dict, e.g. for TRL's ZeRO-3 reference model),
+    so "has a `config`" does not mark the model: unwrap until the `config` is a transformers config.
+    """
+    while not isinstance(getattr(model, "config", None), PreTrainedConfig) and hasattr(model, "module"):
+        model = model.module
+    return model
 
 
 @dataclass

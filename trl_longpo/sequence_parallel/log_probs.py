@@ -24,7 +24,7 @@ from trl_longpo.attention.ring import (
     check_sliding_window,
     register_ring_attention,
 )
-from trl_longpo.modeling import row_sum_dtype
+from trl_longpo.modeling import row_sum_dtype, unwrap_engine
 from trl_longpo.sequence_parallel.collectives import sp_all_reduce_sum
 from trl_longpo.sequence_parallel.mesh import SequenceParallelMesh, verify_same_batch
 from trl_longpo.sequence_parallel.sharding import IGNORE_INDEX, PackedShard, shard_rows
@@ -92,7 +92,7 @@ def check_model_for_sequence_parallel(
 ) -> None:
     """Refuse what ring attention cannot run: a sliding window (unless explicitly allowed, then warn), a kv head count
     the heads stride does not divide, attention dropout. Needs no process group, so it can run before the mesh."""
-    config = _unwrap(model).config
+    config = unwrap_engine(model).config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     check_sliding_window(_effective_sliding_window(text_config), allow_sliding_window)
     num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
@@ -108,7 +108,7 @@ def prepare_model_for_sequence_parallel(model: torch.nn.Module, context: Sequenc
     not divide, or attention dropout.
     """
     check_model_for_sequence_parallel(model, context.heads_k_stride, context.allow_sliding_window)
-    inner = _unwrap(model)
+    inner = unwrap_engine(model)
     if inner.config._attn_implementation != RING_ATTENTION_NAME:
         inner._longpo_unsplit_attn_implementation = inner.config._attn_implementation
     inner.set_attn_implementation(register_ring_attention())
@@ -123,7 +123,7 @@ def unsplit_attention(*models: torch.nn.Module | None) -> Iterator[None]:
     switched = []
     try:
         for model in models:
-            inner = _unwrap(model) if model is not None else None
+            inner = unwrap_engine(model) if model is not None else None
             if inner is None or inner.config._attn_implementation != RING_ATTENTION_NAME or inner in switched:
                 continue
             inner.set_attn_implementation(getattr(inner, "_longpo_unsplit_attn_implementation", "sdpa"))
@@ -132,13 +132,6 @@ def unsplit_attention(*models: torch.nn.Module | None) -> Iterator[None]:
     finally:
         for inner in switched:
             inner.set_attn_implementation(RING_ATTENTION_NAME)
-
-
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model inside DDP / FSDP / DeepSpeed wrappers (they expose it as `.module`)."""
-    while not hasattr(model, "config") and hasattr(model, "module"):
-        model = model.module
-    return model
 
 
 def _effective_sliding_window(config) -> int | None:
@@ -186,7 +179,7 @@ def shard_log_probs(
     """The forward half of `sp_log_probs` for an already built shard (custom packing, tests, later layouts)."""
     from trl.trainer.utils import selective_log_softmax
 
-    config = _unwrap(model).config
+    config = unwrap_engine(model).config
     if getattr(config, "_attn_implementation", None) != RING_ATTENTION_NAME:
         raise ValueError(
             f"the model uses attn_implementation={getattr(config, '_attn_implementation', None)!r}; call "
@@ -247,7 +240,7 @@ def sp_fused_row_sums(
             )
         )
     shard = shards[0]
-    config = _unwrap(model).config
+    config = unwrap_engine(model).config
     if getattr(config, "_attn_implementation", None) != RING_ATTENTION_NAME:
         raise ValueError("call prepare_model_for_sequence_parallel(model, context) before sp_fused_row_sums")
     outputs = model(
