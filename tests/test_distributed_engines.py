@@ -166,3 +166,19 @@ def test_accelerate_configs_parse(name, distributed_type, machines):
         assert config.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # save_model writes a normal checkpoint
     launch_options = {action.dest for action in launch_command_parser()._actions}
     assert set(engine_options) <= launch_options, set(engine_options) - launch_options
+
+
+def test_models_found_inside_an_engine_with_its_own_config(tiny_model):
+    """A DeepSpeed engine (TRL's ZeRO-3 reference model) has a `config` of its own (a dict) and the model at
+    `.module`: the model checks must reach the transformers model (a ZeRO-3 run failed there); without deepspeed."""
+    from trl_longpo.modeling import base_model
+    from trl_longpo.sequence_parallel import check_model_for_sequence_parallel
+
+    class Engine(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.config = module, {"zero_optimization": {"stage": 3}}
+
+    engine = Engine(tiny_model)
+    assert base_model(engine) is tiny_model
+    check_model_for_sequence_parallel(engine)  # reads the model's heads / sliding window, not the engine's dict
