@@ -1,0 +1,480 @@
+"""Does LongPO extend a model's context? A CPU-scale self-evolution experiment (issue 10).
+
+    python examples/self_evolution_experiment.py --quick              # ~5 minutes on 2 CPU cores (1 seed, small)
+    python examples/self_evolution_experiment.py                      # the full run (3 seeds), see the README table
+    python examples/self_evolution_experiment.py --output_dir out/evo --seeds 0 1 2 --base_steps 1500
+
+Steps (everything offline, one CPU thread):
+1. A base model with a real short-vs-long gap. A 2-layer, width-128 Llama is trained from scratch at context S on a
+   synthetic single-needle retrieval task ("The secret number of the vault is 47." hidden in filler sentences, then
+   "What is the secret number of the vault? Answer with the number only."), with a length curriculum (32 -> S),
+   language-model loss on every token plus a loss on the answer token, and "none" as the answer when the context
+   holds no needle. RoPE models trained at S do not generalise to longer inputs, so it answers well at S and worse at
+   2S and 4S: the gap self-evolution should close.
+2. Self-evolution data with the project's own pipeline (`trl_longpo.data.generate_dataset`): documents of 4S tokens
+   made of paragraphs of ~S tokens, one of which holds the needle; every paragraph is a chunk (short prompt), the
+   instruction comes from a task list (the base model cannot write questions), the chosen answer is the base model's
+   greedy answer on the chunk, the rejected one its answer on the whole document. Turns whose chunk holds no needle
+   (chosen answer "none") are dropped after generation and counted; pairs with identical answers are dropped by the
+   pipeline (`drop_identical`).
+3. Arms, from the same base, rows, seeds and number of optimizer steps: LongPO (trainer defaults: NLL on the whole
+   chosen long sequence + 0.01 * LongPO), LongPO without NLL (nll_weight=0, dpo_weight=1), SFT on the chosen long rows
+   (NLL only) and TRL's DPOTrainer on the same pairs (reference on the long prompt).
+4. Evaluation with `trl_longpo.evaluation` only (no evaluator of its own): retrieval probes at S, 2S and 4S built from
+   held-out filler documents, and short-context retention (answer log-prob drift and KL to the base on held-out
+   short prompts), before and after; mean and spread over seeds; a JSON file, a markdown table and a plot.
+
+Why this base (findings measured on this machine): a from-scratch model trained with loss on the queried values only
+(multi-query associative recall) stayed at chance after 2,400 steps; SmolLM2-135M-Instruct has no gap inside its
+8K window and costs ~13 s per 4K-token sample on 2 cores. A single needle with a dedicated value vocabulary is learnt
+in ~400 steps (2-3 CPU minutes) and shows the RoPE length-generalisation gap: at S=64, 92 / 87 / 65 % at 64 / 128 /
+256 tokens (26 % at 512) after 800 steps; at S=128, 100 / 98 / 79 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import statistics
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+NEEDLE_TEMPLATE = "The secret number of {key} is {value}."
+QUESTION_TEMPLATE = "What is the secret number of {key}? Answer with the number only."
+KEY = "the vault"
+NO_NEEDLE = "none"  # the base model's answer when the context holds no needle
+VALUES = tuple(str(v) for v in range(10, 100))  # one token each: chance is ~1%
+ARMS = ("longpo", "longpo_no_nll", "sft", "dpo")
+ARM_LABELS = {
+    "base": "base",
+    "longpo": "LongPO (defaults)",
+    "longpo_no_nll": "LongPO w/o NLL",
+    "sft": "SFT (NLL only)",
+    "dpo": "DPO (TRL DPOTrainer)",
+}
+
+
+# ------------------------------------------------------------------------------------------------------------ world
+class SecretWorld:
+    """The synthetic world: a word-level vocabulary, its tokenizer (with the tiny chat template) and filler text."""
+
+    def __init__(self, num_filler_words: int = 200):
+        import re
+
+        from tokenizers import Tokenizer, models, pre_tokenizers
+        from transformers import PreTrainedTokenizerFast
+
+        from trl_longpo.tiny import SPECIAL_TOKENS, TINY_CHAT_TEMPLATE, corpus_texts
+
+        fixed = NEEDLE_TEMPLATE + " " + QUESTION_TEMPLATE + " " + KEY + " " + NO_NEEDLE
+        template_words = sorted(set(re.findall(r"\w+|[^\w\s]", fixed.replace("{key}", "").replace("{value}", ""))))
+        counts = Counter(w for t in corpus_texts() for w in re.findall(r"\b[a-z]{3,8}\b", t))
+        taken = {w.lower() for w in template_words}
+        self.filler_words = [w for w, _ in counts.most_common() if w not in taken][:num_filler_words]
+        vocab = {t: i for i, t in enumerate([*SPECIAL_TOKENS, *template_words, *VALUES, *self.filler_words])}
+        backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+        backend.pre_tokenizer = pre_tokenizers.Whitespace()
+        backend.add_special_tokens(SPECIAL_TOKENS)  # "[INST]" is one token, not "[", "INST", "]"
+        self.tokenizer = PreTrainedTokenizerFast(
+            tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+        )
+        self.tokenizer.chat_template = TINY_CHAT_TEMPLATE
+        self.vocab = vocab
+
+    def ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def sentences(self, rng: random.Random, num_tokens: int) -> list[str]:
+        """Filler sentences of 5-11 words (each word and each '.' one token), about `num_tokens` tokens in all."""
+        out, n = [], 0
+        while n < num_tokens:
+            k = min(rng.randint(5, 11), max(1, num_tokens - n - 1))
+            out.append(" ".join(rng.choice(self.filler_words) for _ in range(k)) + " .")
+            n += k + 1
+        return out
+
+    def filler_documents(self, rng: random.Random, count: int, num_tokens: int) -> list[str]:
+        return [" ".join(self.sentences(rng, num_tokens)) for _ in range(count)]
+
+    def needle(self, value: str) -> str:
+        return NEEDLE_TEMPLATE.format(key=KEY, value=value)
+
+    def question(self) -> str:
+        return QUESTION_TEMPLATE.format(key=KEY)
+
+    def value(self, rng: random.Random) -> str:
+        return rng.choice(VALUES)
+
+    def training_example(self, rng: random.Random, length: int, p_no_needle: float) -> tuple[list[int], list[int]]:
+        """(prompt ids, answer ids) of about `length` tokens, rendered exactly as the chat template renders
+        [{"role": "user", "content": haystack + "\\n\\n" + question}], as the probes and the pipeline do."""
+        has_needle = rng.random() >= p_no_needle
+        value = self.value(rng)
+        needle = self.needle(value) if has_needle else ""
+        overhead = 3 + len(self.ids(self.question())) + len(self.ids(needle))
+        sentences = self.sentences(rng, max(1, length - overhead))
+        if has_needle:
+            sentences.insert(rng.randint(0, len(sentences)), needle)
+        prompt = [{"role": "user", "content": " ".join(sentences) + "\n\n" + self.question()}]
+        ids = self.tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True, return_dict=False)
+        answer = self.ids(value if has_needle else NO_NEEDLE) + [self.tokenizer.eos_token_id]
+        return list(ids), answer
+
+
+# --------------------------------------------------------------------------------------------------------- base model
+def build_model(world: SecretWorld, hidden: int, layers: int, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = world.tokenizer
+    config = LlamaConfig(
+        vocab_size=len(world.vocab),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def train_base(world: SecretWorld, args, log) -> torch.nn.Module:
+    """From scratch at context S: length curriculum 32 -> S over the first 40% of steps, warmup, cosine decay;
+    loss = LM loss on every token + loss on the answer token (the dense signal plus the task signal)."""
+    model = build_model(world, args.hidden_size, args.num_layers, seed=1234)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.base_lr, weight_decay=0.0)
+    rng = random.Random(1234)
+    warmup = max(1, args.base_steps // 10)
+    start = time.time()
+    for step in range(args.base_steps):
+        longest = int(32 + min(1.0, step / (0.4 * args.base_steps)) * (args.short_length - 32))
+        length = rng.randint(min(32, longest), longest)
+        lr = args.base_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.base_steps))
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        examples = [world.training_example(rng, length, p_no_needle=1 / 3) for _ in range(args.base_batch_size)]
+        width = max(len(p) + len(a) for p, a in examples)
+        pad = world.tokenizer.pad_token_id
+        input_ids = torch.full((len(examples), width), pad)
+        lm_labels = torch.full((len(examples), width), -100)
+        answer_labels = torch.full((len(examples), width), -100)
+        for i, (p, a) in enumerate(examples):
+            n = len(p) + len(a)
+            input_ids[i, :n] = torch.tensor(p + a)
+            lm_labels[i, 1:n] = input_ids[i, 1:n]
+            answer_labels[i, len(p) : n] = torch.tensor(a)
+        logits = model(input_ids=input_ids).logits[:, :-1].flatten(0, 1)
+        ce = torch.nn.functional.cross_entropy
+        loss = ce(logits, lm_labels[:, 1:].flatten()) + ce(logits, answer_labels[:, 1:].flatten())
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        if step % max(1, args.base_steps // 10) == 0 or step == args.base_steps - 1:
+            log(f"base step {step}/{args.base_steps} len {length} loss {loss.item():.3f} ({time.time() - start:.0f}s)")
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------------------------- self-evolution data
+def evolution_documents(world: SecretWorld, args, rng: random.Random) -> tuple[list[str], int, int]:
+    """Documents of about 4S tokens: paragraphs (blank-line separated) that each fit a short prompt of S tokens,
+    one of them holding the needle. Returns (documents, chunk_tokens, paragraphs per document)."""
+    prompt_overhead = 3 + len(world.ids(world.question()))  # template + question
+    needle_tokens = len(world.ids(world.needle(VALUES[0])))
+    chunk_tokens = args.short_length - prompt_overhead
+    paragraph = chunk_tokens - needle_tokens
+    per_doc = max(2, (args.long_factor * args.short_length - prompt_overhead - needle_tokens) // paragraph)
+    docs = []
+    for _ in range(args.num_documents):
+        paragraphs = [world.sentences(rng, paragraph - 1) for _ in range(per_doc)]
+        target = paragraphs[rng.randrange(per_doc)]
+        target.insert(rng.randint(0, len(target)), world.needle(world.value(rng)))
+        docs.append("\n\n".join(" ".join(p) for p in paragraphs))
+    return docs, chunk_tokens, per_doc
+
+
+def self_evolve(world: SecretWorld, base, args, out: Path, log):
+    """Rows for every arm, generated by the base model itself with `trl_longpo.data`."""
+    from trl_longpo.data import GenerationConfig, HFBackend, generate_dataset
+
+    docs, chunk_tokens, per_doc = evolution_documents(world, args, random.Random(4321))
+    config = GenerationConfig(
+        model="",
+        output=str(out / "data"),
+        overwrite=True,
+        seed=0,
+        context_length=args.long_factor * args.short_length + args.answer_tokens,
+        model_context_length=args.short_length + args.answer_tokens,
+        max_short_prompt_tokens=args.short_length,
+        chunk_tokens=chunk_tokens,
+        turns_per_doc=per_doc,
+        chunk_selection="first",
+        instruction_source="list",
+        fallback_instructions=[world.question()],
+        use_lead_in=False,
+        max_new_tokens=args.answer_tokens,
+        temperature=args.answer_temperature,
+        group_turns=False,
+        long_turn_context="independent",
+        min_answer_words=0,
+        refusal_phrases=[],
+        generation_batch_size=32,
+        progress=False,
+    )
+    backend = HFBackend(copy.deepcopy(base), world.tokenizer, batch_size=32)
+    result = generate_dataset(config, documents=docs, backend=backend, tokenizer=world.tokenizer)
+    dataset = result.dataset
+    needle_less = dataset.filter(lambda row: row["chosen"][0]["content"].strip() == NO_NEEDLE)
+    dataset = dataset.filter(lambda row: row["chosen"][0]["content"].strip() != NO_NEEDLE)
+    counts = {
+        "documents": len(docs),
+        "turns": len(docs) * per_doc,
+        "pipeline_rows": len(result.dataset),
+        "dropped_needle_less_chunk": len(needle_less),
+        "rows": len(dataset),
+        "pipeline_stats": result.stats,
+    }
+    log(f"self-evolution: {len(docs)} documents x {per_doc} chunks -> {len(result.dataset)} pairs, "
+        f"{len(needle_less)} needle-less chunk answers dropped -> {len(dataset)} rows")
+    if len(dataset) < 4:
+        raise RuntimeError(
+            f"Only {len(dataset)} preference rows were generated (see {out / 'data' / 'stats.md'}); raise "
+            "--num_documents, or the base model already answers at 4S (no gap to close)."
+        )
+    return dataset, counts
+
+
+# ---------------------------------------------------------------------------------------------------------- arms
+def train_arm(arm: str, base_dir: str, world: SecretWorld, rows, args, seed: int, out: Path):
+    from transformers import AutoModelForCausalLM
+
+    common = dict(
+        output_dir=str(out / f"{arm}-seed{seed}"),
+        report_to="none",
+        per_device_train_batch_size=args.batch_size,
+        num_train_epochs=args.epochs,
+        learning_rate=args.learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.1,
+        beta=args.beta,
+        bf16=False,
+        logging_steps=5,
+        save_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=seed,
+        data_seed=seed,
+    )
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    reference = AutoModelForCausalLM.from_pretrained(base_dir)
+    if arm == "dpo":
+        from trl import DPOConfig, DPOTrainer
+
+        dpo_rows = rows.remove_columns("short_prompt")
+        trainer = DPOTrainer(
+            model=model, ref_model=reference, args=DPOConfig(**common, max_length=None), train_dataset=dpo_rows,
+            processing_class=world.tokenizer,
+        )
+    else:
+        from trl_longpo import LongPOConfig, LongPOTrainer
+
+        weights = {"longpo": {}, "longpo_no_nll": dict(nll_weight=0.0, dpo_weight=1.0), "sft": dict(dpo_weight=0.0)}
+        trainer = LongPOTrainer(
+            model=model, ref_model=reference, args=LongPOConfig(**common, **weights[arm]), train_dataset=rows,
+            processing_class=world.tokenizer,
+        )
+    result = trainer.train()
+    return trainer.model.eval(), {"train_loss": result.training_loss, "steps": result.global_step}
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+def evaluate(model, base, world: SecretWorld, probes, retention_rows, args) -> dict[str, float]:
+    from trl_longpo.evaluation import evaluate_retrieval, short_retention_metrics
+
+    acc = evaluate_retrieval(model, world.tokenizer, probes, max_new_tokens=2, batch_size=args.eval_batch_size)
+    metrics = {f"acc@{length}": value for length, value in sorted(acc.items())}
+    metrics.update(short_retention_metrics(model, base, world.tokenizer, retention_rows))
+    return metrics
+
+
+def summarise(runs: dict[str, list[dict[str, float]]]) -> dict[str, dict[str, tuple[float, float]]]:
+    """mean and spread (half the max - min range over seeds) of every metric of every arm."""
+    table = {}
+    for arm, per_seed in runs.items():
+        table[arm] = {
+            key: (statistics.fmean(r[key] for r in per_seed), (max(r[key] for r in per_seed) - min(r[key] for r in per_seed)) / 2)
+            for key in per_seed[0]
+        }
+    return table
+
+
+def markdown_table(summary, lengths: list[int], seeds: int) -> str:
+    head = [f"acc@{n}" for n in lengths] + ["logp_drift", "kl"]
+    lines = [
+        "| arm | " + " | ".join(f"acc@{n} ({n // lengths[0]}·S)" if n != lengths[0] else f"acc@{n} (S)" for n in lengths)
+        + " | short logp drift | short KL |",
+        "|---" * (len(head) + 1) + "|",
+    ]
+    for arm, metrics in summary.items():
+        cells = []
+        for key in head:
+            mean, spread = metrics[key]
+            cells.append(f"{100 * mean:.1f} ± {100 * spread:.1f}" if key.startswith("acc") else f"{mean:+.3f} ± {spread:.3f}")
+        lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + " |")
+    lines.append(f"\nAccuracy in % (mean ± half-range over {seeds} seed(s)); drift and KL on held-out short prompts vs the base.")
+    return "\n".join(lines)
+
+
+def plot(summary, lengths: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, metrics in summary.items():
+        means = [100 * metrics[f"acc@{n}"][0] for n in lengths]
+        spreads = [100 * metrics[f"acc@{n}"][1] for n in lengths]
+        ax.errorbar(lengths, means, yerr=spreads, marker="o", capsize=3, label=ARM_LABELS[arm],
+                    linestyle="--" if arm == "base" else "-")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [f"{n}\n({n // lengths[0]}·S)" for n in lengths])
+    ax.set_xlabel("prompt length (tokens)")
+    ax.set_ylabel("retrieval accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("Self-evolution at CPU scale: retrieval vs length")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------- main
+@dataclass
+class Settings:
+    output_dir: str = "outputs/self_evolution"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    short_length: int = 64
+    long_factor: int = 4
+    hidden_size: int = 128
+    num_layers: int = 2
+    base_steps: int = 1500
+    base_batch_size: int = 32
+    base_lr: float = 2e-3
+    num_documents: int = 600
+    answer_tokens: int = 3
+    answer_temperature: float = 0.0  # greedy answers; the CI test samples (an untrained base answers identically)
+    batch_size: int = 8
+    epochs: float = 2.0
+    learning_rate: float = 3e-4
+    beta: float = 0.1
+    probes_per_length: int = 64
+    retention_samples: int = 64
+    eval_batch_size: int = 16
+    arms: list[str] = field(default_factory=lambda: list(ARMS))
+
+
+QUICK = dict(seeds=[0], base_steps=500, num_documents=200, probes_per_length=24, retention_samples=16, epochs=1.0)
+
+
+def parse_args(argv=None) -> Settings:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small settings for a ~5 minute run (1 seed)")
+    for f in Settings.__dataclass_fields__.values():
+        kind = type(getattr(Settings(), f.name))
+        if kind is list:
+            item = int if f.name == "seeds" else str
+            parser.add_argument(f"--{f.name}", nargs="+", type=item, default=None)
+        else:
+            parser.add_argument(f"--{f.name}", type=kind, default=None)
+    ns = parser.parse_args(argv)
+    settings = Settings(**(QUICK if ns.quick else {}))
+    for name in Settings.__dataclass_fields__:
+        if getattr(ns, name) is not None:
+            setattr(settings, name, getattr(ns, name))
+    unknown = set(settings.arms) - set(ARMS)
+    if unknown:
+        parser.error(f"--arms: unknown {sorted(unknown)}; choose from {list(ARMS)}")
+    return settings
+
+
+def main(argv=None) -> dict:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    args = parse_args(argv)
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    def log(message: str) -> None:
+        print(f"[{time.time() - started:6.0f}s] {message}", flush=True)
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from trl_longpo.evaluation import build_retrieval_probes, short_retention_rows
+
+    world = SecretWorld()
+    base = train_base(world, args, log)
+    base_dir = str(out / "base")
+    base.save_pretrained(base_dir)
+    world.tokenizer.save_pretrained(base_dir)
+
+    lengths = [args.short_length * k for k in (1, 2, args.long_factor)]
+    lengths = sorted(set(lengths))
+    held_out = world.filler_documents(random.Random(99), 32, 4 * max(lengths))  # never seen in training
+    probes = build_retrieval_probes(
+        world.tokenizer, lengths, args.probes_per_length, documents=held_out, seed=7, keys=[KEY],
+        needle_template=NEEDLE_TEMPLATE, question_template=QUESTION_TEMPLATE, value_fn=world.value,
+    )
+    rows, data_counts = self_evolve(world, base, args, out, log)
+    split = rows.train_test_split(test_size=min(args.retention_samples, len(rows) // 4), seed=0)
+    train_rows, eval_rows = split["train"], split["test"]
+    retention_rows = short_retention_rows(eval_rows, n=len(eval_rows))
+
+    runs: dict[str, list[dict[str, float]]] = {"base": [evaluate(base, base, world, probes, retention_rows, args)]}
+    log(f"base: {runs['base'][0]}")
+    training = {}
+    for arm in args.arms:
+        for seed in args.seeds:
+            model, info = train_arm(arm, base_dir, world, train_rows, args, seed, out)
+            metrics = evaluate(model, base, world, probes, retention_rows, args)
+            runs.setdefault(arm, []).append(metrics)
+            training[f"{arm}/seed{seed}"] = info
+            log(f"{arm} seed {seed}: {info} {metrics}")
+    summary = summarise(runs)
+    table = markdown_table(summary, lengths, len(args.seeds))
+    plot(summary, lengths, out / "self_evolution.png")
+    result = {
+        "settings": asdict(args),
+        "lengths": lengths,
+        "data": {k: v for k, v in data_counts.items() if k != "pipeline_stats"},
+        "train_rows": len(train_rows),
+        "held_out_rows": len(eval_rows),
+        "runs": runs,
+        "training": training,
+        "summary": summary,
+        "wall_seconds": time.time() - started,
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    (out / "results.md").write_text(table + "\n")
+    print("\n" + table)
+    log(f"done: {out / 'results.json'}, {out / 'results.md'}, {out / 'self_evolution.png'}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
