@@ -151,16 +151,36 @@ def build_model(world: SecretWorld, hidden: int, layers: int, seed: int):
     return LlamaForCausalLM(config)
 
 
+def short_accuracy(model, world: SecretWorld, length: int, n: int = 64, seed: int = 0) -> float:
+    """Greedy answer accuracy on `n` fresh training-distribution prompts of `length` tokens (needle always present):
+    the base model's own validation check, not the experiment's evaluation (that is `trl_longpo.evaluation`)."""
+    rng = random.Random(f"check-{seed}-{length}")
+    examples = [world.training_example(rng, length, p_no_needle=0.0) for _ in range(n)]
+    width = max(len(p) for p, _ in examples)
+    pad = world.tokenizer.pad_token_id
+    input_ids = torch.tensor([[pad] * (width - len(p)) + p for p, _ in examples])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in examples])
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        predicted = model(input_ids=input_ids, attention_mask=mask, position_ids=positions).logits[:, -1].argmax(-1)
+    model.train(was_training)
+    return sum(int(t) == a[0] for t, (_, a) in zip(predicted.tolist(), examples)) / n
+
+
 def train_base(world: SecretWorld, args, log) -> torch.nn.Module:
-    """From scratch at context S: length curriculum 32 -> S over the first 40% of steps, warmup, cosine decay;
-    loss = LM loss on every token + loss on the answer token (the dense signal plus the task signal)."""
+    """From scratch at context S: length curriculum 32 -> S over `base_curriculum_steps`, warmup, cosine decay over
+    `base_steps`; loss = LM loss on every token + loss on the answer token (the dense signal plus the task signal).
+    Stops as soon as the model masters the short task (`short_accuracy` at S >= `base_target_accuracy`, checked every
+    `base_check_every` steps after the curriculum): a short-context model, trained no further than it needs."""
     model = build_model(world, args.hidden_size, args.num_layers, seed=1234)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.base_lr, weight_decay=0.0)
     rng = random.Random(1234)
     warmup = max(1, args.base_steps // 10)
     start = time.time()
     for step in range(args.base_steps):
-        longest = int(32 + min(1.0, step / (0.4 * args.base_steps)) * (args.short_length - 32))
+        longest = int(32 + min(1.0, step / max(1, args.base_curriculum_steps)) * (args.short_length - 32))
         length = rng.randint(min(32, longest), longest)
         lr = args.base_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / args.base_steps))
         for group in optimizer.param_groups:
@@ -183,8 +203,15 @@ def train_base(world: SecretWorld, args, log) -> torch.nn.Module:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-        if step % max(1, args.base_steps // 10) == 0 or step == args.base_steps - 1:
-            log(f"base step {step}/{args.base_steps} len {length} loss {loss.item():.3f} ({time.time() - start:.0f}s)")
+        done = step + 1
+        if done >= args.base_curriculum_steps and done % args.base_check_every == 0:
+            accuracy = short_accuracy(model, world, args.short_length)
+            log(f"base step {done}/{args.base_steps} loss {loss.item():.3f} check acc@S {accuracy:.2f} "
+                f"({time.time() - start:.0f}s)")
+            if accuracy >= args.base_target_accuracy:
+                break
+        elif done % 50 == 0:
+            log(f"base step {done}/{args.base_steps} len {length} loss {loss.item():.3f} ({time.time() - start:.0f}s)")
     return model.eval()
 
 
@@ -258,7 +285,28 @@ def self_evolve(world: SecretWorld, base, args, out: Path, log):
 
 
 # ---------------------------------------------------------------------------------------------------------- arms
-def train_arm(arm: str, base_dir: str, world: SecretWorld, rows, args, seed: int, out: Path):
+def curve_steps(total: int) -> list[int]:
+    """1, 2, 4, ... and the last step: where the learning curves are measured."""
+    steps, k = [], 1
+    while k < total:
+        steps.append(k)
+        k *= 2
+    return [*steps, total]
+
+
+def probe_curve_callback(measure, steps: list[int], curve: dict[int, dict[str, float]]):
+    """A callback that records `measure(model)` after each optimizer step in `steps` (works for both trainers)."""
+    from transformers import TrainerCallback
+
+    class ProbeCurve(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if state.global_step in steps:
+                curve[state.global_step] = measure(model)
+
+    return ProbeCurve()
+
+
+def train_arm(arm: str, base_dir: str, world: SecretWorld, rows, args, seed: int, out: Path, measure):
     from transformers import AutoModelForCausalLM
 
     common = dict(
@@ -280,13 +328,16 @@ def train_arm(arm: str, base_dir: str, world: SecretWorld, rows, args, seed: int
     )
     model = AutoModelForCausalLM.from_pretrained(base_dir)
     reference = AutoModelForCausalLM.from_pretrained(base_dir)
+    total = math.ceil(len(rows) / args.batch_size) * math.ceil(args.epochs)  # epochs are whole in practice
+    curve: dict[int, dict[str, float]] = {}
+    callbacks = [probe_curve_callback(measure, curve_steps(total), curve)]
     if arm == "dpo":
         from trl import DPOConfig, DPOTrainer
 
         dpo_rows = rows.remove_columns("short_prompt")
         trainer = DPOTrainer(
             model=model, ref_model=reference, args=DPOConfig(**common, max_length=None), train_dataset=dpo_rows,
-            processing_class=world.tokenizer,
+            processing_class=world.tokenizer, callbacks=callbacks,
         )
     else:
         from trl_longpo import LongPOConfig, LongPOTrainer
@@ -294,10 +345,13 @@ def train_arm(arm: str, base_dir: str, world: SecretWorld, rows, args, seed: int
         weights = {"longpo": {}, "longpo_no_nll": dict(nll_weight=0.0, dpo_weight=1.0), "sft": dict(dpo_weight=0.0)}
         trainer = LongPOTrainer(
             model=model, ref_model=reference, args=LongPOConfig(**common, **weights[arm]), train_dataset=rows,
-            processing_class=world.tokenizer,
+            processing_class=world.tokenizer, callbacks=callbacks,
         )
     result = trainer.train()
-    return trainer.model.eval(), {"train_loss": result.training_loss, "steps": result.global_step}
+    if result.global_step not in curve:
+        curve[result.global_step] = measure(trainer.model)
+    info = {"train_loss": result.training_loss, "steps": result.global_step, "curve": curve}
+    return trainer.model.eval(), info
 
 
 # ---------------------------------------------------------------------------------------------------- evaluation
@@ -338,25 +392,61 @@ def markdown_table(summary, lengths: list[int], seeds: int) -> str:
     return "\n".join(lines)
 
 
-def plot(summary, lengths: list[int], path: Path) -> None:
+def summarise_curves(training, base_metrics, arms, seeds) -> dict[str, dict[int, dict[str, tuple[float, float]]]]:
+    """Per arm and optimizer step (0 = the base): mean and spread over seeds of every metric."""
+    curves = {}
+    for arm in arms:
+        per_seed = [training[f"{arm}/seed{seed}"]["curve"] for seed in seeds]
+        steps = sorted(set.intersection(*(set(c) for c in per_seed)))
+        curves[arm] = {0: {k: (v, 0.0) for k, v in base_metrics.items()}}
+        for step in steps:
+            curves[arm][step] = summarise({"x": [c[step] for c in per_seed]})["x"]
+    return curves
+
+
+def curve_table(curves, long_length: int) -> str:
+    steps = sorted(set.union(*(set(c) for c in curves.values())))
+    lines = [
+        f"acc@{long_length} (the self-evolution length) after N optimizer steps:",
+        "",
+        "| arm | " + " | ".join(f"{n}" for n in steps) + " |",
+        "|---" * (len(steps) + 1) + "|",
+    ]
+    for arm, curve in curves.items():
+        cells = [f"{100 * curve[n][f'acc@{long_length}'][0]:.1f}" if n in curve else "" for n in steps]
+        lines.append(f"| {ARM_LABELS[arm]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(summary, curves, lengths: list[int], long_length: int, path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for arm, metrics in summary.items():
         means = [100 * metrics[f"acc@{n}"][0] for n in lengths]
         spreads = [100 * metrics[f"acc@{n}"][1] for n in lengths]
-        ax.errorbar(lengths, means, yerr=spreads, marker="o", capsize=3, label=ARM_LABELS[arm],
-                    linestyle="--" if arm == "base" else "-")
-    ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [f"{n}\n({n // lengths[0]}·S)" for n in lengths])
-    ax.set_xlabel("prompt length (tokens)")
-    ax.set_ylabel("retrieval accuracy (%)")
-    ax.set_ylim(0, 105)
-    ax.set_title("Self-evolution at CPU scale: retrieval vs length")
-    ax.legend(fontsize=8)
+        left.errorbar(lengths, means, yerr=spreads, marker="o", capsize=3, label=ARM_LABELS[arm],
+                      linestyle="--" if arm == "base" else "-")
+    left.set_xscale("log", base=2)
+    left.set_xticks(lengths, [f"{n}\n({n // lengths[0]}·S)" for n in lengths])
+    left.set_xlabel("prompt length (tokens)")
+    left.set_ylabel("retrieval accuracy (%)")
+    left.set_ylim(0, 105)
+    left.set_title("after training")
+    left.legend(fontsize=8)
+    for arm, curve in curves.items():
+        steps = sorted(curve)
+        key = f"acc@{long_length}"
+        right.errorbar([max(n, 0.5) for n in steps], [100 * curve[n][key][0] for n in steps],
+                       yerr=[100 * curve[n][key][1] for n in steps], marker="o", capsize=3, label=ARM_LABELS[arm])
+    right.set_xscale("log", base=2)
+    right.set_xlabel("optimizer steps (0 plotted at 0.5)")
+    right.set_ylabel(f"accuracy at {long_length} tokens (%)")
+    right.set_ylim(0, 105)
+    right.set_title("learning curve at the self-evolution length")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -368,10 +458,14 @@ class Settings:
     output_dir: str = "outputs/self_evolution"
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     short_length: int = 64
-    long_factor: int = 4
+    long_factor: int = 4  # the self-evolution documents have long_factor * S tokens
+    eval_factors: list[int] = field(default_factory=lambda: [1, 2, 4, 8])  # probes at these multiples of S
     hidden_size: int = 128
     num_layers: int = 2
-    base_steps: int = 1500
+    base_steps: int = 1500  # at most; training stops once the short task is mastered
+    base_curriculum_steps: int = 200
+    base_check_every: int = 25
+    base_target_accuracy: float = 0.95
     base_batch_size: int = 32
     base_lr: float = 2e-3
     num_documents: int = 600
@@ -387,7 +481,7 @@ class Settings:
     arms: list[str] = field(default_factory=lambda: list(ARMS))
 
 
-QUICK = dict(seeds=[0], base_steps=500, num_documents=200, probes_per_length=24, retention_samples=16, epochs=1.0)
+QUICK = dict(seeds=[0], num_documents=300, probes_per_length=32, retention_samples=16, epochs=1.0)
 
 
 def parse_args(argv=None) -> Settings:
@@ -396,7 +490,7 @@ def parse_args(argv=None) -> Settings:
     for f in Settings.__dataclass_fields__.values():
         kind = type(getattr(Settings(), f.name))
         if kind is list:
-            item = int if f.name == "seeds" else str
+            item = str if f.name == "arms" else int
             parser.add_argument(f"--{f.name}", nargs="+", type=item, default=None)
         else:
             parser.add_argument(f"--{f.name}", type=kind, default=None)
@@ -433,8 +527,7 @@ def main(argv=None) -> dict:
     base.save_pretrained(base_dir)
     world.tokenizer.save_pretrained(base_dir)
 
-    lengths = [args.short_length * k for k in (1, 2, args.long_factor)]
-    lengths = sorted(set(lengths))
+    lengths = sorted({args.short_length * k for k in args.eval_factors})
     held_out = world.filler_documents(random.Random(99), 32, 4 * max(lengths))  # never seen in training
     probes = build_retrieval_probes(
         world.tokenizer, lengths, args.probes_per_length, documents=held_out, seed=7, keys=[KEY],
@@ -445,19 +538,24 @@ def main(argv=None) -> dict:
     train_rows, eval_rows = split["train"], split["test"]
     retention_rows = short_retention_rows(eval_rows, n=len(eval_rows))
 
-    runs: dict[str, list[dict[str, float]]] = {"base": [evaluate(base, base, world, probes, retention_rows, args)]}
+    def measure(model) -> dict[str, float]:
+        return evaluate(model, base, world, probes, retention_rows, args)
+
+    runs: dict[str, list[dict[str, float]]] = {"base": [measure(base)]}
     log(f"base: {runs['base'][0]}")
     training = {}
     for arm in args.arms:
         for seed in args.seeds:
-            model, info = train_arm(arm, base_dir, world, train_rows, args, seed, out)
-            metrics = evaluate(model, base, world, probes, retention_rows, args)
+            _, info = train_arm(arm, base_dir, world, train_rows, args, seed, out, measure)
+            metrics = info["curve"][info["steps"]]
             runs.setdefault(arm, []).append(metrics)
             training[f"{arm}/seed{seed}"] = info
             log(f"{arm} seed {seed}: {info} {metrics}")
     summary = summarise(runs)
-    table = markdown_table(summary, lengths, len(args.seeds))
-    plot(summary, lengths, out / "self_evolution.png")
+    long_length = args.long_factor * args.short_length
+    curves = summarise_curves(training, runs["base"][0], args.arms, args.seeds)
+    table = markdown_table(summary, lengths, len(args.seeds)) + "\n\n" + curve_table(curves, long_length)
+    plot(summary, curves, lengths, long_length, out / "self_evolution.png")
     result = {
         "settings": asdict(args),
         "lengths": lengths,
@@ -467,6 +565,7 @@ def main(argv=None) -> dict:
         "runs": runs,
         "training": training,
         "summary": summary,
+        "curves": curves,
         "wall_seconds": time.time() - started,
     }
     (out / "results.json").write_text(json.dumps(result, indent=2))

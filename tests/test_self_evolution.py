@@ -26,7 +26,7 @@ def test_every_arm_trains_and_every_metric_is_computed(tmp_path):
          "--answer_temperature", "1.0"]
     )
     lengths = result["lengths"]
-    assert lengths == [64, 128, 256]
+    assert lengths == [64, 128, 256, 512]
     assert set(result["runs"]) == {"base", *experiment.ARMS}
     expected = {f"acc@{n}" for n in lengths} | {"logp_drift", "kl"}
     for arm, runs in result["runs"].items():
