@@ -425,11 +425,12 @@ def plot(summary, curves, lengths: list[int], long_length: int, path: Path) -> N
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    colors = {arm: f"C{i}" for i, arm in enumerate(["base", *ARMS])}  # one colour per arm in both panels
     for arm, metrics in summary.items():
         means = [100 * metrics[f"acc@{n}"][0] for n in lengths]
         spreads = [100 * metrics[f"acc@{n}"][1] for n in lengths]
         left.errorbar(lengths, means, yerr=spreads, marker="o", capsize=3, label=ARM_LABELS[arm],
-                      linestyle="--" if arm == "base" else "-")
+                      linestyle="--" if arm == "base" else "-", color=colors[arm])
     left.set_xscale("log", base=2)
     left.set_xticks(lengths, [f"{n}\n({n // lengths[0]}·S)" for n in lengths])
     left.set_xlabel("prompt length (tokens)")
@@ -441,7 +442,8 @@ def plot(summary, curves, lengths: list[int], long_length: int, path: Path) -> N
         steps = sorted(curve)
         key = f"acc@{long_length}"
         right.errorbar([max(n, 0.5) for n in steps], [100 * curve[n][key][0] for n in steps],
-                       yerr=[100 * curve[n][key][1] for n in steps], marker="o", capsize=3, label=ARM_LABELS[arm])
+                       yerr=[100 * curve[n][key][1] for n in steps], marker="o", capsize=3, label=ARM_LABELS[arm],
+                       color=colors[arm])
     right.set_xscale("log", base=2)
     right.set_xlabel("optimizer steps (0 plotted at 0.5)")
     right.set_ylabel(f"accuracy at {long_length} tokens (%)")
