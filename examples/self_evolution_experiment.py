@@ -1,6 +1,6 @@
 """Does LongPO extend a model's context? A CPU-scale self-evolution experiment (issue 10).
 
-    python examples/self_evolution_experiment.py --quick              # ~5 minutes on 2 CPU cores (1 seed, small)
+    python examples/self_evolution_experiment.py --quick              # ~1 minute on 2 CPU cores (1 seed, small)
     python examples/self_evolution_experiment.py                      # the full run (3 seeds), see the README table
     python examples/self_evolution_experiment.py --output_dir out/evo --seeds 0 1 2 --base_steps 1500
 
@@ -488,7 +488,7 @@ QUICK = dict(seeds=[0], num_documents=300, probes_per_length=32, retention_sampl
 
 def parse_args(argv=None) -> Settings:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small settings for a ~5 minute run (1 seed)")
+    parser.add_argument("--quick", action="store_true", help="small settings for a ~1 minute run (1 seed)")
     for f in Settings.__dataclass_fields__.values():
         kind = type(getattr(Settings(), f.name))
         if kind is list:
