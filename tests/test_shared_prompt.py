@@ -212,3 +212,23 @@ def test_model_keeps_its_attention_outside_training_steps(tokenizer, tmp_path):
     trainer.train()
     assert trainer.model.config._attn_implementation == "sdpa"
     assert trainer.model(torch.tensor([[5, 6, 7]])).logits.shape == (1, 3, 1024)
+
+
+def test_gradient_checkpointing_needs_the_packed_attention_through_backward(tokenizer, tmp_path):
+    """With checkpointing, layers are recomputed in backward: a loss computed outside `training_step` would recompute
+    them with the model's own (causal) attention, so it is refused; inside the packed attention it runs."""
+    trainer = LongPOTrainer(
+        model=build_tiny_model(attn_implementation="sdpa"),
+        args=longpo_args(tmp_path, gradient_checkpointing=True),
+        train_dataset=Dataset.from_list(make_rows(2)),
+        processing_class=tokenizer,
+    )
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+    trainer.model.activation_checkpointing_enable()  # what Trainer.train does with gradient_checkpointing=True
+    trainer.model.train()
+    with pytest.raises(RuntimeError, match="inside `training_step`"):
+        trainer.compute_loss(trainer.model, batch)
+    with trainer._packed_attention():  # what `training_step` wraps around forward and backward
+        loss = trainer.compute_loss(trainer.model, batch)
+        loss.backward()
+    assert torch.isfinite(loss) and trainer.model.model.embed_tokens.weight.grad is not None

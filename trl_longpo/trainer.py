@@ -22,7 +22,7 @@ from .checkpoints import resolve_checkpoint
 from .collator import DataCollatorForLongPO
 from .config import LongPOConfig
 from .modeling import base_model, check_causal_lm, restored_rope, row_sum_dtype, set_rope_theta
-from .packing import pack_shared_prompts, pair_groups
+from .packing import pack_shared_prompts, packed_row_sums, pair_groups
 from .tokenization import TOKENIZED_COLUMNS, LongPODataError, check_columns, row_lengths, tokenize_row
 from .validation import EmptyEpochGuard, check_answer_tokens, check_not_empty, validate_row
 
@@ -526,7 +526,7 @@ class LongPOTrainer(DPOTrainer):
         name = register_ring_attention()
         if (
             torch.is_grad_enabled()
-            and getattr(base_model(model), "is_gradient_checkpointing", False)
+            and _activation_checkpointing(base_model(model))
             and base_model(model).config._attn_implementation != name
         ):
             raise RuntimeError(
@@ -543,17 +543,7 @@ class LongPOTrainer(DPOTrainer):
                 use_cache=False,
                 ring_attention=RingAttentionState(group=group, plan=plan, attention_dtype=attention_dtype),
             )
-        rows = local.row_index.clamp(min=0)  # padding is outside every mask
-        dtype = row_sum_dtype(rows.device)
-        sums = []
-        for name in fields:
-            values = getattr(outputs, name)[0]
-            values = (values if name == "log_probs" else values.detach()).to(dtype)
-            sums.append(
-                torch.stack([values.new_zeros(local.num_rows).index_add(0, rows, values * m) for m in token_masks])
-            )
-        sums = torch.stack(sums)
-        counts = torch.stack([rows.new_zeros(local.num_rows).index_add(0, rows, m.long()) for m in token_masks])
+        sums, counts = packed_row_sums(outputs, fields, local.row_index, token_masks, local.num_rows)
         if split:
             sums, counts = sp_all_reduce_sum(sums, group), sp_all_reduce_sum(counts, group)
         return sums, counts, None
@@ -569,9 +559,8 @@ class LongPOTrainer(DPOTrainer):
         ):
             ref_masks = [inputs["ref_completion_mask"]]
             if self.args.share_prompt:  # sequence k (chosen, turn t) shares its short prompt with k + n/2 (rejected)
-                half = inputs["ref_input_ids"].size(0) // 2
                 lengths = inputs["ref_prompt_length"].tolist()
-                groups = [((k, half + k), lengths[k]) for k in range(half)]
+                groups = pair_groups(lengths[: len(lengths) // 2])
                 sums, _, _ = self._shared_row_sums(
                     model, inputs["ref_input_ids"], inputs["ref_attention_mask"], ref_masks, ("log_probs",), groups, split
                 )
@@ -743,6 +732,13 @@ def _prepare_row(example: dict, index: int, processing_class, eos_token: str) ->
     tokenized = tokenize_row(example, index, processing_class, eos_token)
     check_answer_tokens(tokenized, index)
     return tokenized
+
+
+def _activation_checkpointing(model) -> bool:
+    """Whether layers are recomputed in backward: `is_activation_checkpointing`, or its older name (which recent
+    transformers versions deprecate with a warning)."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
 
 
 def _check_shared_prompt_model(model, args: LongPOConfig) -> None:

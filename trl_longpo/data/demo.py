@@ -170,7 +170,7 @@ def train_on(
         retention_eval_steps=demo.train_steps,  # before training and after the last step
         retention_probe_lengths=demo.probe_lengths,
         retention_probes_per_length=demo.probes_per_length,
-        retention_short_samples=8,
+        retention_short_samples=min(8, len(eval_dataset)) if eval_dataset is not None else 8,  # what is held out
         retention_max_new_tokens=demo.probe_new_tokens,
     )
     trainer = LongPOTrainer(

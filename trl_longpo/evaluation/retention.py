@@ -66,6 +66,8 @@ def greedy_decode(model, prompts: Sequence[list[int]], max_new_tokens: int, pad_
         mask[i, width - len(p) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+    # recent transformers 5.x name the KV cache `cache` (outputs and inputs); earlier ones `past_key_values`
+    cache_name = "cache" if "cache" in out else "past_key_values"
     tokens = [out.logits[:, -1].argmax(-1)]
     for _ in range(max_new_tokens - 1):
         mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
@@ -74,9 +76,9 @@ def greedy_decode(model, prompts: Sequence[list[int]], max_new_tokens: int, pad_
             input_ids=tokens[-1][:, None],
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=out.past_key_values,
             use_cache=True,
             logits_to_keep=1,
+            **{cache_name: out[cache_name]},
         )
         tokens.append(out.logits[:, -1].argmax(-1))
     return torch.stack(tokens, dim=1)

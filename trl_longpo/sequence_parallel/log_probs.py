@@ -24,7 +24,8 @@ from trl_longpo.attention.ring import (
     check_sliding_window,
     register_ring_attention,
 )
-from trl_longpo.modeling import row_sum_dtype, unwrap_engine
+from trl_longpo.modeling import unwrap_engine
+from trl_longpo.packing import packed_row_sums
 from trl_longpo.sequence_parallel.collectives import sp_all_reduce_sum
 from trl_longpo.sequence_parallel.mesh import SequenceParallelMesh, verify_same_batch
 from trl_longpo.sequence_parallel.sharding import IGNORE_INDEX, PackedShard, shard_rows
@@ -252,21 +253,7 @@ def sp_fused_row_sums(
         ring_attention=context.attention_state(shard),
         **model_kwargs,
     )
-    rows = shard.row_index.clamp(min=0)  # padding is outside every label set, so its row does not matter
-    dtype = row_sum_dtype(rows.device)
-    masks = [s.labels[0] != IGNORE_INDEX for s in shards]
-    sums = []
-    for name in fields:
-        values = getattr(outputs, name)[0]
-        values = values if name == "log_probs" else values.detach()
-        values = values.to(dtype)
-        sums.append(
-            torch.stack(
-                [torch.zeros(shard.num_rows, dtype=dtype, device=rows.device).index_add(0, rows, values * m) for m in masks]
-            )
-        )
-    counts = torch.stack(
-        [torch.zeros(shard.num_rows, dtype=torch.long, device=rows.device).index_add(0, rows, m.long()) for m in masks]
-    )
+    masks = [s.labels[0] != IGNORE_INDEX for s in shards]  # padding is outside every label set
+    sums, counts = packed_row_sums(outputs, fields, shard.row_index, masks, shard.num_rows)
     group = context.mesh.sp_group
-    return sp_all_reduce_sum(torch.stack(sums), group), sp_all_reduce_sum(counts, group)
+    return sp_all_reduce_sum(sums, group), sp_all_reduce_sum(counts, group)
