@@ -61,8 +61,16 @@ MIB = 1 << 20
 TARGET_SLACK = 1.2  # activation memory at sp=W must be <= TARGET_SLACK / W of sp=1
 PAIR_TARGET = 0.6  # a shared-prompt pair's activation memory must be <= PAIR_TARGET of the unshared pair's
 
-# Mistral-7B-v0.1/v0.2 widths, for the extrapolation.
-MISTRAL_7B = dict(hidden=4096, intermediate=14336, heads=32, kv_heads=8, head_dim=128, vocab=32000, layers=32)
+from trl_longpo.sequence_parallel.planning import (
+    BUILTIN_SHAPES,
+    MEASURED_INVENTORY,
+    MEASURED_SHAPE,
+    ModelShape,
+    scale_inventory,
+    token_bytes,
+)
+
+MISTRAL_7B = BUILTIN_SHAPES["Mistral-7B"]  # the widths the extrapolation prints
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -77,7 +85,7 @@ class SavedTensorMeter:
     freed during the forward (a discarded branch) cannot be replaced by a new one at the same address and missed.
     """
 
-    def __init__(self, model, tokens: int, dims: dict[str, int]):
+    def __init__(self, model, tokens: int, dims: ModelShape):
         import torch
 
         self.torch = torch
@@ -109,12 +117,12 @@ class SavedTensorMeter:
         self.rope_ptrs = {t.untyped_storage().data_ptr() for t in output}
 
     def width_class(self, numel: int) -> str:
-        d, t = self.dims, self.tokens
+        d, t = self.dims.widths(), self.tokens
         if numel in (d["vocab"], d["vocab"] * t):  # logits-sized, or one row of logits (per-token loops)
             return "vocab"
         if numel % t:
             return "fixed"
-        names = [n for n in ("hidden", "mlp", "kv", "heads", "head_dim", "scalar") if _width(d, n) == numel // t]
+        names = [n for n in ("hidden", "mlp", "kv", "heads", "head_dim", "scalar") if d[n] == numel // t]
         return "|".join(names) or f"width{numel // t}"
 
     def pack(self, tensor):
@@ -259,10 +267,10 @@ def run_rank(job: dict) -> list[dict]:
     mesh = init_sequence_parallel_mesh(sp)
     d = tiny_dims(job)
     model = build_tiny_model(
-        vocab_size=d["vocab"], hidden_size=d["hidden"], num_layers=d["layers"], num_heads=d["heads"],
-        num_kv_heads=d["kv_heads"], seed=0,
+        vocab_size=d.vocab, hidden_size=d.hidden, num_layers=d.layers, num_heads=d.heads, num_kv_heads=d.kv_heads,
+        seed=0,
     ).to(dtype)  # fmt: skip
-    assert model.config.intermediate_size == d["intermediate"], "tiny_dims must match build_tiny_model"
+    assert model.config.intermediate_size == d.intermediate, "tiny_dims must match build_tiny_model"
     model.train()
     context = SequenceParallelContext(
         mesh, ring_attn_impl=job["impl"], heads_k_stride=job["heads_k_stride"], attention_dtype=torch.bfloat16
@@ -505,63 +513,43 @@ def breakdown_table(bd: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-def tiny_dims(job: dict) -> dict[str, int]:
+def tiny_dims(job: dict) -> ModelShape:
     """Tensor widths of the measured model (`build_tiny_model`: MLP = 2 x hidden)."""
-    keys = ("hidden", "heads", "kv_heads", "vocab", "layers")
-    return {**{k: job[k] for k in keys}, "intermediate": 2 * job["hidden"], "head_dim": job["hidden"] // job["heads"]}
+    return ModelShape(
+        "tiny", job["hidden"], 2 * job["hidden"], job["layers"], job["heads"], job["kv_heads"],
+        job["hidden"] // job["heads"], job["vocab"],
+    )  # fmt: skip
 
 
-def _width(dims: dict[str, int], cls: str) -> int | None:
-    return {
-        "hidden": dims["hidden"],
-        "mlp": dims["intermediate"],
-        "kv": dims["kv_heads"] * dims["head_dim"],
-        "heads": dims["heads"],
-        "head_dim": dims["head_dim"],
-        "scalar": 1,
-        "vocab": dims["vocab"],
-        "fixed": 0,
-    }.get(cls)
-
-
-def arithmetic_table(bd: dict[str, dict[str, float]], tiny: dict[str, int], target: dict[str, int]) -> str:
+def arithmetic_table(bd: dict[str, dict[str, float]], tiny: ModelShape, target: ModelShape) -> str:
+    scaled = scale_inventory(bd, tiny, target)
     lines = [
-        "| saved in | width class:dtype | tiny B/token | × width ratio | Mistral-7B B/token |",
+        f"| saved in | width class:dtype | tiny B/token | × width ratio | {target.name} B/token |",
         "|---|---|---:|---|---:|",
     ]
     for where in sorted(bd, key=lambda w: (w != "layer", w)):
         for key, value in sorted(bd[where].items(), key=lambda kv: -kv[1]):
-            cls = key.split(":")[0].split("|")[0]
-            wt, wm = _width(tiny, cls), _width(target, cls)
+            cls = key.split(":")[0]
+            wt, wm = tiny.widths()[cls], target.widths()[cls]
             if not wt:
                 continue
             label = "each decoder layer" if where == "layer" else where
-            lines.append(f"| {label} | {key} | {value:,.0f} | × {wm}/{wt} | {value * wm / wt:,.0f} |")
+            lines.append(f"| {label} | {key} | {value:,.0f} | × {wm}/{wt} | {scaled[where][key]:,.0f} |")
     return "\n".join(lines)
 
 
-def extrapolate(bd: dict[str, dict[str, float]], tiny: dict[str, int], target: dict[str, int]) -> dict[str, float]:
-    """Scale each width class by target/tiny width (dtypes as measured). Returns bytes/token figures."""
-
-    def scaled(slot):
-        total = 0.0
-        for key, value in slot.items():
-            cls = key.split(":")[0].split("|")[0]
-            w_tiny, w_target = _width(tiny, cls), _width(target, cls)
-            if w_tiny is None:
-                raise ValueError(f"cannot extrapolate width class {cls!r}: use dims without collisions")
-            total += value * (w_target / w_tiny if w_tiny else 0.0)
-        return total
-
-    per_layer = scaled(bd.get("layer", {}))
-    outside = {where: scaled(slot) for where, slot in bd.items() if where != "layer"}
-    layer_input = target["hidden"] * 2  # bf16 hidden state kept per layer under gradient checkpointing
+def extrapolate(bd: dict[str, dict[str, float]], tiny: ModelShape, target: ModelShape) -> dict[str, float]:
+    """Scale each width class by target/tiny width (dtypes as measured; `trl_longpo.sequence_parallel.planning`,
+    which `trl-longpo plan` uses with the recorded inventory). Returns bytes/token figures."""
+    per_token = token_bytes(target, bd, tiny)
+    scaled = scale_inventory(bd, tiny, target)
+    outside = {where: sum(slot.values()) for where, slot in scaled.items() if where != "layer"}
     return {
-        "per_layer": per_layer,
-        "outside_layers": sum(outside.values()),
+        "per_layer": per_token.per_layer,
+        "outside_layers": per_token.outside_layers,
         "loss_and_head": outside.get("loss", 0.0) + outside.get("lm_head", 0.0) + outside.get("final_norm", 0.0),
-        "full": target["layers"] * per_layer + sum(outside.values()),
-        "checkpointed": target["layers"] * layer_input + per_layer + sum(outside.values()),
+        "full": per_token.total(checkpointing=False) - per_token.logits,
+        "checkpointed": per_token.total(checkpointing=True) - per_token.logits,
         **{f"outside:{k}": v for k, v in outside.items()},
     }
 
@@ -681,8 +669,8 @@ def main(argv: list[str] | None = None) -> int:
         print()
         m = MISTRAL_7B
         print(
-            f"## Extrapolated to Mistral-7B widths (hidden {m['hidden']}, MLP {m['intermediate']}, {m['heads']}/"
-            f"{m['kv_heads']} heads of {m['head_dim']}, vocab {m['vocab']}, {m['layers']} layers, bf16) — arithmetic, "
+            f"## Extrapolated to Mistral-7B widths (hidden {m.hidden}, MLP {m.intermediate}, {m.heads}/"
+            f"{m.kv_heads} heads of {m.head_dim}, vocab {m.vocab}, {m.layers} layers, bf16) — arithmetic, "
             "not a measurement"
         )
         print()
@@ -695,24 +683,19 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(f"- no gradient checkpointing: {extrap['full'] / 1024:,.1f} KiB/token")
         print(
-            f"- gradient checkpointing (keeps each layer's bf16 input, {m['hidden'] * 2} B/token/layer, + one layer "
+            f"- gradient checkpointing (keeps each layer's bf16 input, {m.hidden * 2} B/token/layer, + one layer "
             f"recomputed + outside the layers): {extrap['checkpointed'] / 1024:,.1f} KiB/token"
         )
-        answer = args.pair or 1024
+        if tiny == MEASURED_SHAPE:
+            same = bd == MEASURED_INVENTORY
+            print(
+                f"- this inventory {'equals' if same else 'DIFFERS from'} the one `trl-longpo plan` plans with "
+                "(trl_longpo.sequence_parallel.planning.MEASURED_INVENTORY)"
+            )
         print(
-            "  A LongPO step's policy forward holds one pair per SP group (per_device_train_batch_size 1): unshared "
-            f"2 x max_length tokens; shared prompt max_length + a + 1 (a = rejected answer, here {answer}). Shared, "
-            f"tree attention also all-gathers one layer's K/V (bf16) and dK/dV (fp32) over the SP group: "
-            f"{m['kv_heads'] * m['head_dim'] * 12 // 1024} KiB per SP-group token on every rank, transient, not / sp."
+            "- per GPU for a model, max_length and GPU count, every (dp, Ulysses, ring) split: "
+            "`trl-longpo plan --model Mistral-7B --max_length 512K --gpus 8`"
         )
-        for max_length in (128 * 1024, 256 * 1024, 512 * 1024):
-            for name, tokens in (("unshared", 2 * max_length), ("shared", max_length + answer + 1)):
-                gib = extrap["checkpointed"] * tokens / (1 << 30)
-                print(
-                    f"  - max_length {fmt_len(max_length)}, {name} ({tokens:,} tokens per SP group), checkpointed: "
-                    f"{gib:,.1f} GiB in total -> " + ", ".join(f"sp={w}: {gib / w:,.1f}" for w in (2, 4, 8, 16))
-                    + " GiB/rank"
-                )
     print(f"\n(total {time.monotonic() - start:.0f} s)")
     if args.json:
         args.json.write_text(

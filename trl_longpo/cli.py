@@ -6,6 +6,7 @@
     trl-longpo tiny-model DIR                            save the tiny offline model and tokenizer to DIR
     trl-longpo convert-gguf FILE DIR                     turn a GGUF checkpoint into a normal model directory
     trl-longpo plot OUTPUT_DIR [--output PNG]            training curves (loss, rewards, retention) into a PNG
+    trl-longpo plan --model M --max_length 128K --gpus 8 memory, fit and traffic of every (dp, Ulysses, ring) split
 
 Every `generate` option is a field of `trl_longpo.data.GenerationConfig` (see `trl-longpo generate --help`).
 """
@@ -23,6 +24,7 @@ COMMANDS = {
     "tiny-model": "Save the tiny offline model and tokenizer to a directory.",
     "convert-gguf": "Dequantise a GGUF checkpoint once into a normal model directory (loads like a hub model).",
     "plot": "Plot a run's training curves (loss terms, rewards, long/short retention) from trainer_state.json.",
+    "plan": "How many GPUs and which (dp, Ulysses, ring) split: per-GPU memory, fit, communication per layer.",
 }
 
 
@@ -112,6 +114,16 @@ def _plot(argv: list[str]) -> int:
     return 0
 
 
+def _plan(argv: list[str]) -> int:
+    from trl_longpo.sequence_parallel.planning import main as plan_main
+
+    try:
+        return plan_main(argv)
+    except ValueError as exc:  # an unknown model, a bad length: one line, not a traceback
+        print(f"trl-longpo plan: error: {exc}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     handlers = {
@@ -121,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         "tiny-model": _tiny_model,
         "convert-gguf": _convert_gguf,
         "plot": _plot,
+        "plan": _plan,
     }
     if not argv or argv[0] in {"-h", "--help"} or argv[0] not in handlers:
         lines = [f"  {name:<13} {text}" for name, text in COMMANDS.items()]
