@@ -195,3 +195,21 @@ def test_local_reference_needs_a_separate_reference_model(tokenizer, tiny_model,
 def test_liger_is_refused_without_a_gpu(tokenizer, tiny_model, tmp_path):
     with pytest.raises(ValueError, match="use_liger_kernel=True` needs a CUDA GPU"):
         _trainer(tokenizer, tiny_model, make_rows(2), tmp_path, use_liger_kernel=True)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "instead"), [({"cp_size": 2}, "sequence_parallel_size=2"), ({"sp_size": 4}, "sequence_parallel_size=4")]
+)
+def test_accelerate_context_and_sequence_parallelism_are_refused(tmp_path, monkeypatch, sizes, instead):
+    from accelerate.parallelism_config import ParallelismConfig
+
+    name = next(iter(sizes))
+    with pytest.raises(ValueError, match=rf"parallelism_config \({name}=\d\) is not supported.*{instead}\) instead"):
+        longpo_args(tmp_path, parallelism_config=ParallelismConfig(**sizes))
+    # the same from `accelerate launch` with a parallelism_config section (it exports these variables)
+    monkeypatch.setenv("ACCELERATE_USE_PARALLELISM_CONFIG", "true")
+    monkeypatch.setenv(f"PARALLELISM_CONFIG_{name.upper()}", str(sizes[name]))
+    with pytest.raises(ValueError, match=rf"trl-longpo's sequence parallelism replaces it.*{instead}\) instead"):
+        longpo_args(tmp_path)
+    monkeypatch.setenv(f"PARALLELISM_CONFIG_{name.upper()}", "1")  # sizes of 1: nothing to refuse
+    assert longpo_args(tmp_path).parallelism_config is None

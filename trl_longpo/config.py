@@ -221,6 +221,11 @@ class LongPOConfig(DPOConfig):
                 f"`sequence_parallel_reference` must be one of {SP_REFERENCE_MODES}, got "
                 f"{self.sequence_parallel_reference!r}."
             )
+        from trl_longpo.sequence_parallel.mesh import accelerate_parallelism_problem
+
+        accelerate_sp = accelerate_parallelism_problem(self.parallelism_config, self.sequence_parallel_size)
+        if accelerate_sp:
+            problems.append(accelerate_sp)
         if self.sequence_parallel_size > 1 and self.padding_free:
             problems.append("`padding_free` is implied by sequence parallelism (rows are packed); leave it False.")
         if self.nll_scope not in NLL_SCOPES:

@@ -108,3 +108,36 @@ def verify_same_batch(tensors: Sequence[torch.Tensor | None], group: dist.Proces
             f"rank {ranks[0]}. Every rank of an SP group must load the same rows (shard the data over the dp axis "
             "only: dp_rank = rank // sequence_parallel_size)."
         )
+
+
+def accelerate_parallelism_problem(parallelism_config, sequence_parallel_size: int = 1, environ=None) -> str | None:
+    """Why LongPO cannot run accelerate's own context / sequence parallelism, or None when it is not requested.
+
+    accelerate 1.16's `ParallelismConfig` has `cp_size` (torch context parallel: SDPA only, attention masks dropped,
+    `is_causal` forced: no packed rows, no shared-prompt trees) and `sp_size` (DeepSpeed ALST Ulysses, plain LM loss).
+    Either would split sequences without reducing LongPO's per-sequence log-probs over the split (TRL's DPOTrainer
+    neither supports nor refuses them), so the loss would be silently wrong. Mapping `sp_size` onto our Ulysses layout
+    is not exact (accelerate also shards the batch and owns the dataloader and loss), so it is refused and the
+    equivalent LongPOConfig option named. The config comes from `TrainingArguments.parallelism_config` or from
+    `accelerate launch` (its `parallelism_config` section becomes PARALLELISM_CONFIG_* environment variables).
+    """
+    import os
+
+    environ = os.environ if environ is None else environ
+    sizes = {}
+    if parallelism_config is not None:
+        get = parallelism_config.get if isinstance(parallelism_config, dict) else parallelism_config.__getattribute__
+        sizes = {name: get(name) for name in ("cp_size", "sp_size")}
+    elif str(environ.get("ACCELERATE_USE_PARALLELISM_CONFIG", "false")).lower() == "true":
+        sizes = {name: environ.get(f"PARALLELISM_CONFIG_{name.upper()}") for name in ("cp_size", "sp_size")}
+    sizes = {name: int(size) for name, size in sizes.items() if size is not None and int(size) > 1}
+    if not sizes:
+        return None
+    split = max(sizes.values()) * max(sequence_parallel_size, 1)
+    given = ", ".join(f"{name}={size}" for name, size in sizes.items())
+    return (
+        f"accelerate's parallelism_config ({given}) is not supported by LongPOTrainer: trl-longpo's sequence "
+        "parallelism replaces it (per-sequence log-probs reduced over the split, packed rows and shared-prompt trees). "
+        "Remove cp_size/sp_size from the accelerate config (or TrainingArguments.parallelism_config) and set "
+        f"LongPOConfig(sequence_parallel_size={split}) instead."
+    )
