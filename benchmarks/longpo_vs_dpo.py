@@ -71,7 +71,7 @@ TARGETS = (  # (label, numerator arm, denominator arm, comparison, bound) at the
 def make_row(tokenizer, long_tokens: int, short_tokens: int, answer_tokens: int) -> dict:
     """A conversational LongPO row with exact token counts. Its text is corpus words that are one token each with a
     leading space, so n words render as n + (template overhead) tokens; the overhead is measured, then checked."""
-    from trl_longpo.tiny import corpus_texts
+    from trl_longpo.data.documents import corpus_texts
 
     words = [
         w for w in re.findall(r"[A-Za-z]+", " ".join(corpus_texts()))

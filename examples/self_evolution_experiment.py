@@ -72,7 +72,8 @@ class SecretWorld:
         from tokenizers import Tokenizer, models, pre_tokenizers
         from transformers import PreTrainedTokenizerFast
 
-        from trl_longpo.tiny import SPECIAL_TOKENS, TINY_CHAT_TEMPLATE, corpus_texts
+        from trl_longpo.data.documents import corpus_texts
+        from trl_longpo.tiny import SPECIAL_TOKENS, TINY_CHAT_TEMPLATE
 
         fixed = NEEDLE_TEMPLATE + " " + QUESTION_TEMPLATE + " " + KEY + " " + NO_NEEDLE
         template_words = sorted(set(re.findall(r"\w+|[^\w\s]", fixed.replace("{key}", "").replace("{value}", ""))))

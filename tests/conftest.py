@@ -38,7 +38,7 @@ def tiny_model():
 
 
 def _texts(n: int, start: int = 0, chars: int = 400) -> list[str]:
-    from trl_longpo.tiny import corpus_texts
+    from trl_longpo.data.documents import corpus_texts
 
     texts = corpus_texts()
     return [texts[(start + i) % len(texts)][:chars] for i in range(n)]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from trl_longpo.data.chunking import chunk_document, split_units
-from trl_longpo.tiny import corpus_texts
+from trl_longpo.data.documents import corpus_texts
 
 
 def _n_tokens(tokenizer, text: str) -> int:

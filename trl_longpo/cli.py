@@ -1,7 +1,7 @@
 """`trl-longpo` console script.
 
     trl-longpo generate --model M --documents DOCS --output OUT [--backend hf|vllm] [...]   build a LongPO dataset
-    trl-longpo demo [--output DIR]                       tiny model -> data -> LongPOTrainer, offline on a CPU
+    trl-longpo demo [--output DIR] [--model tiny]        SmolLM2 -> data -> LongPOTrainer -> plot, offline on a CPU
     trl-longpo merge OUT                                 join the shards of a --world_size run into OUT/dataset
     trl-longpo tiny-model DIR                            save the tiny offline model and tokenizer to DIR
     trl-longpo convert-gguf FILE DIR                     turn a GGUF checkpoint into a normal model directory
@@ -19,7 +19,7 @@ import sys
 
 COMMANDS = {
     "generate": "Generate a LongPO preference dataset from long documents (resumable).",
-    "demo": "Offline end-to-end demo: tiny model -> generated data -> LongPOTrainer (a few CPU minutes).",
+    "demo": "Offline end-to-end demo: SmolLM2 -> generated data -> LongPOTrainer -> plot (a few CPU minutes).",
     "merge": "Merge the per-rank shards of a multi-process `generate` run.",
     "tiny-model": "Save the tiny offline model and tokenizer to a directory.",
     "convert-gguf": "Dequantise a GGUF checkpoint once into a normal model directory (loads like a hub model).",
@@ -60,7 +60,7 @@ def _generate(argv: list[str]) -> int:
 
 
 def _demo(argv: list[str]) -> int:
-    from trl_longpo.data.demo import DemoConfig, run_demo
+    from trl_longpo.demo import DemoConfig, run_demo
 
     (demo,) = _parser(DemoConfig, "trl-longpo demo", COMMANDS["demo"]).parse_args_into_dataclasses(argv)
     summary = run_demo(demo)

@@ -14,6 +14,8 @@ import os
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import MistralConfig, MistralForCausalLM, PreTrainedTokenizerFast
 
+from trl_longpo.data.documents import corpus_texts
+
 # A Mistral-style template: the prompt rendered with `add_generation_prompt=True` is a prefix of prompt + answer,
 # which is what DPOTrainer's (and LongPOTrainer's) completion masking relies on.
 TINY_CHAT_TEMPLATE = (
@@ -24,13 +26,6 @@ TINY_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}"
 )
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "[INST]", "[/INST]"]
-
-
-def corpus_texts() -> list[str]:
-    """Long English documents that ship with CPython (the `help()` topics), sorted by name for determinism."""
-    from pydoc_data.topics import topics
-
-    return [topics[name] for name in sorted(topics)]
 
 
 @functools.lru_cache(maxsize=4)

@@ -29,11 +29,17 @@ def document_id(index: int, text: str) -> str:
     return f"{index:07d}-{hashlib.sha1(text.encode()).hexdigest()[:10]}"
 
 
-def pydoc_documents(doc_chars: int = 12000) -> list[str]:
-    """CPython's help topics (`pydoc_data.topics`, no download) joined in name order into documents of about
-    `doc_chars` characters, so a document is several times longer than a chunk."""
-    from trl_longpo.tiny import corpus_texts
+def corpus_texts() -> list[str]:
+    """The built-in corpus: long English documents that ship with CPython (the `help()` topics, no download),
+    sorted by name for determinism. The tiny tokenizer is trained on it; `builtin:pydoc` groups it into documents."""
+    from pydoc_data.topics import topics
 
+    return [topics[name] for name in sorted(topics)]
+
+
+def pydoc_documents(doc_chars: int = 12000) -> list[str]:
+    """CPython's help topics (`corpus_texts`) joined in name order into documents of about `doc_chars` characters,
+    so a document is several times longer than a chunk."""
     docs, current = [], []
     for topic in corpus_texts():
         current.append(topic.strip())

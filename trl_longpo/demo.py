@@ -25,8 +25,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .config import GenerationConfig
-from .pipeline import generate_dataset
+from trl_longpo.data import GenerationConfig, generate_dataset
 
 SMOLLM2_QUESTION_TEMPLATE = (
     "{chunk}\n\nWrite {n} different questions about the text above that it answers. "
