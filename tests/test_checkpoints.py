@@ -19,6 +19,7 @@ from trl_longpo import LongPOTrainer
 from trl_longpo.checkpoints import CheckpointError, resolve_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
+SECRET = "hf_secretTOKENnotOnDisk123"
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +30,15 @@ def saved_run(tmp_path_factory, tokenizer):
     tmp = tmp_path_factory.mktemp("run")
     trainer = LongPOTrainer(
         model=build_tiny_model(seed=0),
-        args=longpo_args(tmp, max_steps=2, per_device_train_batch_size=2, save_strategy="steps", save_steps=1),
+        args=longpo_args(
+            tmp, max_steps=2, per_device_train_batch_size=2, save_strategy="steps", save_steps=1, hub_token=SECRET
+        ),
         train_dataset=Dataset.from_list(make_rows(4)),
         processing_class=tokenizer,
     )
     trainer.train()
+    trainer.save_model()
+    assert trainer.args.hub_token == SECRET  # the live config keeps it (push_to_hub needs it)
     out = tmp / "out"
     assert {p.name for p in out.glob("checkpoint-*")} == {"checkpoint-1", "checkpoint-2"}
     return out
@@ -127,3 +132,41 @@ def test_example_script_resumes_from_the_newest_complete_checkpoint(tmp_path, ca
 
     state = json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
+
+
+def test_hub_token_is_never_written_to_disk(saved_run):
+    """training_args.bin of the run and of every checkpoint is a pickled config: it must not hold the hub token
+    (issue 19: it did, in plain text, and push_to_hub uploads it)."""
+    import copy
+
+    import torch
+
+    files = [p for p in saved_run.rglob("*") if p.is_file()]
+    assert sum(p.name == "training_args.bin" for p in files) == 3  # the run, checkpoint-1, checkpoint-2
+    assert [p for p in files if SECRET.encode() in p.read_bytes()] == []
+    stored = torch.load(saved_run / "training_args.bin", weights_only=False)
+    assert stored.hub_token is None and stored.max_steps == 2  # the rest of the config is kept
+    args = longpo_args(saved_run.parent, hub_token=SECRET)
+    assert copy.deepcopy(args).hub_token == SECRET and copy.copy(args).hub_token == SECRET  # copies keep it
+
+
+def _resume(run, tokenizer, rows, **overrides):
+    from trl_longpo.tiny import build_tiny_model
+
+    args = longpo_args(run.parent, max_steps=2, per_device_train_batch_size=2, save_strategy="no", **overrides)
+    args.output_dir = str(run)
+    trainer = LongPOTrainer(
+        model=build_tiny_model(seed=0), args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer
+    )
+    return trainer.train(resume_from_checkpoint=str(run / "checkpoint-1"))
+
+
+def test_resume_refuses_other_data_or_data_settings(run, tokenizer):
+    """A checkpoint records the data it was trained on; resuming on other rows or with other data settings would
+    make the skipped-batch bookkeeping point at other rows (issue 19: it continued silently)."""
+    assert (run / "checkpoint-1" / "longpo_data.json").is_file()
+    with pytest.raises(CheckpointError, match=r"train_dataset: '[0-9a-f]+' at the checkpoint, '[0-9a-f]+' now"):
+        _resume(run, tokenizer, make_rows(4, seed=1))
+    with pytest.raises(CheckpointError, match="max_length: None at the checkpoint, 4096 now"):
+        _resume(run, tokenizer, make_rows(4), max_length=4096)
+    assert _resume(run, tokenizer, make_rows(4)).global_step == 2  # negative control: same data resumes

@@ -250,6 +250,7 @@ def test_instruction_before_context_and_custom_joiner(tmp_path, tokenizer):
 
 def test_rank_sharding_and_merge(tmp_path, tokenizer):
     from trl_longpo.data import merge_shards
+    from trl_longpo.data.rows import ShardsError
 
     docs = [make_doc(d) for d in range(5)]
     backend = ScriptedBackend(tokenizer, default_respond)
@@ -257,7 +258,7 @@ def test_rank_sharding_and_merge(tmp_path, tokenizer):
     for rank in range(2):
         cfg = base_config(tmp_path, rank=rank, world_size=2)
         if rank == 1:
-            with pytest.raises(RuntimeError, match="incomplete"):
+            with pytest.raises(ShardsError, match=r"rank\(s\) \[1\] of --world_size 2 are missing"):
                 merge_shards(tmp_path / "out")
         results.append(generate_dataset(cfg, documents=docs, backend=backend, tokenizer=tokenizer))
     assert [r.output_dir.name for r in results] == ["rank-00000-of-00002", "rank-00001-of-00002"]
@@ -265,3 +266,27 @@ def test_rank_sharding_and_merge(tmp_path, tokenizer):
     merged = merge_shards(tmp_path / "out")
     assert len(merged) == 5
     assert sorted(doc_of(row["prompt"][0]["content"]) for row in merged) == list(range(5))
+
+
+def test_merge_refuses_shards_of_other_settings_or_world_sizes(tmp_path, tokenizer):
+    """Each shard's settings file records its settings: shards made with another seed (or chunk size, documents)
+    are refused by name, as are shards of two world sizes (issue 19: merged without a word)."""
+    from trl_longpo.data import merge_shards
+    from trl_longpo.data.rows import ShardsError
+
+    docs = [make_doc(d) for d in range(4)]
+    backend = ScriptedBackend(tokenizer, default_respond)
+
+    def shard(rank, world_size, **overrides):
+        cfg = base_config(tmp_path, rank=rank, world_size=world_size, **overrides)
+        generate_dataset(cfg, documents=docs, backend=backend, tokenizer=tokenizer)
+
+    shard(0, 2)
+    shard(1, 2, seed=4)
+    with pytest.raises(ShardsError, match=r"different settings \(seed: rank-00000-of-00002=3, rank-00001-of-00002=4"):
+        merge_shards(tmp_path / "out")
+    shard(1, 2, overwrite=True)
+    assert len(merge_shards(tmp_path / "out")) == 4
+    shard(0, 3)
+    with pytest.raises(ShardsError, match="different --world_size"):
+        merge_shards(tmp_path / "out")

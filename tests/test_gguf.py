@@ -117,11 +117,12 @@ def test_conversion_is_reused_and_never_clobbers_other_directories(tiny_gguf, tm
             convert_gguf(path, unrelated, overwrite=overwrite)
     assert (unrelated / "keep.txt").read_text() == "mine"
 
-    (out / "converted_from_gguf.json").unlink()  # as after a kill before the marker was written
-    with pytest.raises(GGUFError, match="--overwrite"):
-        convert_gguf(path, out)
-    convert_gguf(path, out, overwrite=True)
-    assert is_converted(path, out)
+    other = path.with_name("other.gguf")
+    write_tiny_gguf(other, seed=1)
+    with pytest.raises(GGUFError, match="--overwrite"):  # an earlier conversion of another file
+        convert_gguf(other, out)
+    convert_gguf(other, out, overwrite=True)
+    assert is_converted(other, out) and not is_converted(path, out)
 
 
 def test_cli_convert_and_errors(tiny_gguf, tmp_path, capsys):
@@ -134,3 +135,35 @@ def test_cli_convert_and_errors(tiny_gguf, tmp_path, capsys):
     garbage.write_bytes(b"not a gguf file at all")
     assert cli_main(["convert-gguf", str(garbage), str(tmp_path / "y")]) == 2
     assert "could not read" in capsys.readouterr().err
+
+
+def _snapshot(directory):
+    return {p.relative_to(directory): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_never_loses_data(tiny_gguf, tmp_path):
+    """`--overwrite` reads the input before touching the output, never deletes the input, and replaces only a folder
+    holding convert-gguf's own marker (issue 19: it deleted all three)."""
+    path, _ = tiny_gguf
+    good = convert_gguf(path, tmp_path / "model")
+    before = _snapshot(good)
+
+    truncated = tmp_path / "download.gguf"  # an interrupted download of a newer file
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(GGUFError, match="could not read"):
+        convert_gguf(truncated, good, overwrite=True)
+    assert _snapshot(good) == before  # the earlier conversion is intact
+
+    inside = good / "newer.gguf"  # the input lies in the folder --overwrite would replace
+    inside.write_bytes(path.read_bytes())
+    with pytest.raises(GGUFError, match="inside"):
+        convert_gguf(inside, good, overwrite=True)
+    assert inside.read_bytes() == path.read_bytes()
+
+    run = tmp_path / "trained"  # a training run: config.json, weights and checkpoints, but no convert-gguf marker
+    (run / "checkpoint-5").mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "checkpoint-5" / "model.safetensors").write_bytes(b"weights")
+    run_before = _snapshot(run)
+    assert cli_main(["convert-gguf", str(path), str(run), "--overwrite"]) == 2
+    assert _snapshot(run) == run_before

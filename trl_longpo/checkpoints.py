@@ -6,6 +6,11 @@ True`) it receives the string "True" and looks for a directory of that name. And
 in `output_dir`: the Trainer writes `trainer_state.json` after the model, optimizer and RNG files, so a checkpoint
 without it was interrupted and is skipped with a warning. Files that exist but are corrupt (a truncated safetensors,
 an empty `optimizer.pt`) are an error naming the file and the previous checkpoint.
+
+Each checkpoint also records which data it was trained on (`DATA_FILE`: the train dataset's fingerprint and the
+settings that decide which rows a step reads). The Trainer resumes by skipping the batches already seen; with another
+dataset or other data settings those batch counts would point at other rows, so such a resume is refused, naming what
+changed.
 """
 
 from __future__ import annotations
@@ -17,12 +22,16 @@ import struct
 import zipfile
 from pathlib import Path
 
+from transformers import TrainerCallback
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
 LATEST = ("true", "latest")
 STATE_FILE = "trainer_state.json"
+DATA_FILE = "longpo_data.json"
+# LongPOConfig fields that change the rows or their order (what the skipped-batch bookkeeping of a resume relies on)
+DATA_SETTINGS = ("max_length", "truncation_mode", "seed", "data_seed")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -116,3 +125,48 @@ def resolve_checkpoint(resume_from_checkpoint: str | bool | None, output_dir: st
             raise CheckpointError(f"Cannot resume: {value!r} is not a checkpoint directory (nor True/latest).")
     check_checkpoint(path)
     return str(path)
+
+
+def data_fingerprint(train_dataset, args) -> dict:
+    """What a run trains on: the train dataset's fingerprint (`datasets` hashes its content or source files) and row
+    count, and the data-affecting settings. A streamed dataset has no fingerprint (None: not checked)."""
+    fingerprint = getattr(train_dataset, "_fingerprint", None)
+    rows = len(train_dataset) if fingerprint is not None and hasattr(train_dataset, "__len__") else None
+    record = {"train_dataset": fingerprint, "train_rows": rows}
+    record.update({name: getattr(args, name, None) for name in DATA_SETTINGS})
+    return record
+
+
+class DataFingerprintCallback(TrainerCallback):
+    """Writes `DATA_FILE` into every checkpoint the Trainer saves (main process only)."""
+
+    def __init__(self, fingerprint: dict):
+        self.fingerprint = fingerprint
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            (checkpoint / DATA_FILE).write_text(json.dumps(self.fingerprint, indent=2, default=str) + "\n")
+
+
+def check_resume_data(checkpoint: str | os.PathLike, current: dict) -> None:
+    """Refuse to resume `checkpoint` with a train dataset or data settings other than those it was trained on."""
+    path = Path(checkpoint) / DATA_FILE
+    if not path.is_file():  # written by an older version, or a streamed dataset's run: nothing to compare
+        return
+    stored = json.loads(path.read_text())
+    current = json.loads(json.dumps(current, default=str))
+    if stored.get("train_dataset") is None or current.get("train_dataset") is None:
+        stored, current = ({k: v for k, v in d.items() if not k.startswith("train_")} for d in (stored, current))
+    changed = [
+        f"{key}: {stored.get(key)!r} at the checkpoint, {current.get(key)!r} now"
+        for key in sorted(set(stored) | set(current))
+        if stored.get(key) != current.get(key)
+    ]
+    if changed:
+        raise CheckpointError(
+            f"Cannot resume from {checkpoint}: it was trained on other data or data settings ("
+            + "; ".join(changed)
+            + "). Resuming skips the batches already seen, which would now be other rows. Resume with the same "
+            "dataset and settings, or start a new run (another output_dir, or no --resume_from_checkpoint)."
+        )

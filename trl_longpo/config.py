@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -130,8 +131,8 @@ class LongPOConfig(DPOConfig):
     ring_attn_impl: str = field(
         default="zigzag",
         metadata={
-            "help": "ring-flash-attn implementation: 'zigzag' (default: balanced causal work, ~90% of ideal scaling) or "
-            "'llama3' (all-gathers K/V: better precision, no per-row padding to 2·sp, ~58% of ideal).",
+            "help": "ring-flash-attn implementation: 'zigzag' (default: balanced causal work, ~0.9× ideal scaling) or "
+            "'llama3' (all-gathers K/V: better precision, no per-row padding to 2·sp, ~0.58× ideal).",
             "choices": list(RING_ATTN_IMPLS),
         },
     )
@@ -273,6 +274,24 @@ class LongPOConfig(DPOConfig):
             # machine (a notebook, CI). Turn it on only where an accelerator supports it.
             self.bf16 = not self.fp16 and not self.use_cpu and _bf16_accelerator_available()
         super().__post_init__()
+
+    # The Trainer pickles its arguments into `training_args.bin` of the run and of every checkpoint (and
+    # `push_to_hub` uploads them): a pickled config never holds the hub token. Copies keep it.
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["hub_token"] = None
+        return state
+
+    def __copy__(self) -> LongPOConfig:
+        clone = self.__class__.__new__(self.__class__)
+        clone.__dict__.update(self.__dict__)
+        return clone
+
+    def __deepcopy__(self, memo: dict) -> LongPOConfig:
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
 
 
 def _retention_problems(args: LongPOConfig) -> list[str]:

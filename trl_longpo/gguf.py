@@ -52,13 +52,22 @@ def is_converted(gguf_path: str | Path, output_dir: str | Path) -> bool:
         return False
 
 
+def _owned_conversion(output_dir: Path) -> bool:
+    """Whether `output_dir` was written by `convert_gguf` (it holds the marker this command writes last)."""
+    try:
+        return "gguf_file" in json.loads((output_dir / _MARKER).read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def convert_gguf(gguf_path: str | Path, output_dir: str | Path, *, overwrite: bool = False) -> Path:
     """Dequantise a GGUF checkpoint into a normal `save_pretrained` directory (model, tokenizer, chat template).
 
-    Idempotent: a directory already converted from the same file (name, size, mtime) is reused. The marker file is
-    written last, so a conversion killed half-way is redone, never reused. An existing directory that is not such a
-    conversion is refused unless `overwrite=True`, and then only if it holds a model (config.json), so a mistyped
-    path never deletes unrelated files.
+    Idempotent: a directory already converted from the same file (name, size, mtime) is reused. The conversion is
+    written to a temporary sibling directory, marker file last, and moved into place only once complete, so a bad or
+    truncated input, or a kill half-way, leaves an earlier conversion untouched. An existing non-empty directory is
+    replaced only with `overwrite=True` and only if it holds this command's marker (an earlier conversion): never a
+    training run or any other directory, and never one that contains the GGUF file itself.
     """
     gguf_path, output_dir = Path(gguf_path), Path(output_dir)
     if not gguf_path.is_file():
@@ -67,14 +76,23 @@ def convert_gguf(gguf_path: str | Path, output_dir: str | Path, *, overwrite: bo
         raise GGUFError(f"reading GGUF files needs the `gguf` package: pip install gguf  (converting {gguf_path})")
     if is_converted(gguf_path, output_dir):
         return output_dir
-    if output_dir.exists() and any(output_dir.iterdir()):
-        complete_or_partial = (output_dir / "config.json").exists() or (output_dir / _MARKER).exists()
-        if not overwrite or not complete_or_partial:
+    replace = output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir()))
+    if replace:
+        if not _owned_conversion(output_dir):
             raise GGUFError(
-                f"{output_dir} exists and is not a conversion of {gguf_path.name}; choose an empty directory"
-                + ("" if not complete_or_partial else " or pass --overwrite to replace the model in it")
+                f"{output_dir} exists and is not a conversion made by convert-gguf (no {_MARKER}); refusing to write "
+                "into it or replace it, even with --overwrite. Choose a new or empty output directory."
             )
-        shutil.rmtree(output_dir)
+        if output_dir.resolve() in gguf_path.resolve().parents:
+            raise GGUFError(
+                f"The GGUF file {gguf_path} is inside {output_dir}, which --overwrite would replace; move the file out "
+                "of it first, or choose another output directory."
+            )
+        if not overwrite:
+            raise GGUFError(
+                f"{output_dir} holds a conversion of another GGUF file (or of an older version of {gguf_path.name}); "
+                "pass --overwrite to replace it, or choose another output directory."
+            )
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -82,7 +100,10 @@ def convert_gguf(gguf_path: str | Path, output_dir: str | Path, *, overwrite: bo
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
         loaded = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except Exception as exc:  # transformers raises many types for unreadable/unsupported files
-        raise GGUFError(f"transformers could not read {gguf_path}: {type(exc).__name__}: {exc}") from exc
+        raise GGUFError(
+            f"transformers could not read {gguf_path} (truncated or incomplete download?): {type(exc).__name__}: {exc}"
+            + (f". {output_dir} was left as it was." if replace else "")
+        ) from exc
     # The loaded model is flagged as GGUF-quantised and refuses save_pretrained; its weights are already plain
     # float tensors, so move them into a model built from the same config without the quantisation flag.
     config = loaded.config
@@ -91,8 +112,23 @@ def convert_gguf(gguf_path: str | Path, output_dir: str | Path, *, overwrite: bo
     model = AutoModelForCausalLM.from_config(config)
     model.load_state_dict(loaded.state_dict(), strict=True)
     model.generation_config = loaded.generation_config
-    output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    (output_dir / _MARKER).write_text(json.dumps(_source_stamp(gguf_path)))
+
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = output_dir.with_name(f".{output_dir.name}.converting")
+    if staging.exists():  # left by a killed conversion: ours, by its name
+        shutil.rmtree(staging)
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    (staging / _MARKER).write_text(json.dumps(_source_stamp(gguf_path)))
+    if replace:
+        previous = output_dir.with_name(f".{output_dir.name}.replaced")
+        if previous.exists():
+            shutil.rmtree(previous)
+        output_dir.rename(previous)
+        staging.rename(output_dir)
+        shutil.rmtree(previous)
+    else:
+        if output_dir.exists():
+            output_dir.rmdir()  # empty
+        staging.rename(output_dir)
     return output_dir

@@ -18,13 +18,14 @@ from trl.models.utils import disable_gradient_checkpointing
 from trl.trainer.utils import get_config_model_id, global_then_local_main_first, use_adapter
 
 from .attention.tree import attn_implementation
-from .checkpoints import resolve_checkpoint
+from .checkpoints import DataFingerprintCallback, check_resume_data, data_fingerprint, resolve_checkpoint
 from .collator import DataCollatorForLongPO
 from .config import LongPOConfig
 from .modeling import base_model, check_causal_lm, restored_rope, row_sum_dtype, set_rope_theta
 from .packing import pack_shared_prompts, packed_row_sums, pair_groups
+from .reference_cache import check_cache_file, reference_config_key
 from .tokenization import TOKENIZED_COLUMNS, LongPODataError, check_columns, row_lengths, tokenize_row
-from .validation import EmptyEpochGuard, check_answer_tokens, check_not_empty, validate_row
+from .validation import EmptyEpochGuard, check_answer_tokens, check_not_empty, check_pairs, validate_row
 
 logger = logging.get_logger(__name__)
 
@@ -119,6 +120,8 @@ class LongPOTrainer(DPOTrainer):
             _check_liger_available()
         _check_launch(args)
         check_not_empty(train_dataset, "train")
+        self._data_fingerprint = data_fingerprint(train_dataset, args)  # recorded in checkpoints, checked on resume
+        self._reference_cache_keyed = False
         for name, dataset in _eval_datasets(eval_dataset):
             check_not_empty(dataset, name)
         if not isinstance(model, str):
@@ -191,6 +194,7 @@ class LongPOTrainer(DPOTrainer):
             self._setup_sequence_parallel(args)
         if isinstance(train_dataset, IterableDataset):
             self.add_callback(EmptyEpochGuard())
+        self.add_callback(DataFingerprintCallback(self._data_fingerprint))
         if args.retention_eval_steps > 0:
             from .evaluation import RetentionCallback
 
@@ -200,6 +204,8 @@ class LongPOTrainer(DPOTrainer):
         """`Trainer.train`, with `resume_from_checkpoint` True/"True"/"latest" meaning the newest complete checkpoint
         in `output_dir` and the chosen checkpoint's files checked first (see `trl_longpo.checkpoints`)."""
         checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None:
+            check_resume_data(checkpoint, self._data_fingerprint)
         return super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
 
     def _setup_shared_prompt(self, args: LongPOConfig) -> None:
@@ -362,6 +368,7 @@ class LongPOTrainer(DPOTrainer):
             )
             if args.max_length is not None:
                 dataset = self._enforce_max_length(dataset, args, dataset_name)
+            check_pairs(dataset, dataset_name, args.dataset_num_proc)
         if isinstance(dataset, Dataset) and len(dataset) == 0:
             raise LongPODataError(
                 f"truncation_mode='drop' removed every row of the {dataset_name} dataset (all are longer than "
@@ -571,6 +578,16 @@ class LongPOTrainer(DPOTrainer):
         rows = sums.new_zeros(inputs["input_ids"].size(0))
         rows.index_add_(0, inputs["ref_row_index"], sums[0, 0])
         return rows.chunk(2, dim=0)
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        """DPOTrainer's cached precompute, keyed on the reference config as well as its weights, and with a clear
+        error for an unreadable cache file (`trl_longpo.reference_cache`)."""
+        if not self._reference_cache_keyed:
+            reference = self.accelerator.unwrap_model(self.ref_model if self.ref_model is not None else self.model)
+            self._precompute_model_hash = reference_config_key(self._precompute_model_hash, reference)
+            self._reference_cache_keyed = True
+        check_cache_file(dataset, self._precompute_model_hash)
+        return super()._precompute_ref_logps(dataset, name, batch_size)
 
     def compute_ref_log_probs(self, model, inputs):
         """Used by DPOTrainer's `precompute_ref_log_probs` pass: reference log-probs on the short prompts."""

@@ -12,12 +12,15 @@ from __future__ import annotations
 from typing import Any
 
 from transformers import TrainerCallback
+from transformers.utils import logging
 
 from .tokenization import LongPODataError
 
 ROLES = ("system", "user", "assistant")
 PROMPT_COLUMNS = ("prompt", "short_prompt")
 ANSWER_COLUMNS = ("chosen", "rejected")
+
+logger = logging.get_logger(__name__)
 
 
 def _found(value: Any) -> str:
@@ -138,3 +141,50 @@ class EmptyEpochGuard(TrainerCallback):
                 "stream is empty, or every row was removed (truncation_mode='drop' with max_length="
                 f"{getattr(args, 'max_length', None)}). Check the stream, or raise `max_length`."
             )
+
+
+def check_pairs(dataset, dataset_name: str, num_proc: int | None = None) -> None:
+    """Dataset-level checks of a tokenized map-style dataset that a single row cannot reveal.
+
+    - `short_prompt` longer than `prompt` on most rows: the columns are swapped (the policy would learn on the short
+      context against a reference on the long one, the method inverted): an error naming the columns.
+    - `chosen` identical to `rejected`: the preference term is the constant log 2 with no gradient, and the reward
+      accuracy is decided by rounding: counted and reported with the first row indices.
+    A streamed dataset is not scanned (its rows are not all known before training).
+    """
+    from datasets import Dataset
+
+    if not isinstance(dataset, Dataset) or len(dataset) == 0:
+        return
+
+    def flags(batch: dict[str, list]) -> dict[str, list[bool]]:
+        return {
+            "swapped": [len(s[0]) > len(p) for p, s in zip(batch["prompt_ids"], batch["short_prompt_ids"])],
+            "identical": [c == r for c, r in zip(batch["chosen_ids"], batch["rejected_ids"])],
+        }
+
+    columns = ["prompt_ids", "short_prompt_ids", "chosen_ids", "rejected_ids"]
+    found = dataset.select_columns(columns).map(
+        flags, batched=True, remove_columns=columns, num_proc=num_proc, desc=f"Checking {dataset_name} pairs"
+    )
+    swapped = [i for i, flag in enumerate(found["swapped"]) if flag]
+    identical = [i for i, flag in enumerate(found["identical"]) if flag]
+    total = len(dataset)
+    if 2 * len(swapped) > total:
+        raise LongPODataError(
+            f"{len(swapped)} of {total} rows of the {dataset_name} dataset have a `short_prompt` longer than their "
+            f"`prompt` (rows {swapped[:10]}): the two columns look swapped. `prompt` is the LONG input (whole document "
+            "+ instruction) the policy learns on; `short_prompt` the short chunk + instruction the reference scores."
+        )
+    if swapped:
+        logger.warning(
+            f"{len(swapped)} of {total} rows of the {dataset_name} dataset have a `short_prompt` longer than their "
+            f"`prompt` (rows {swapped[:10]}); check that these columns are not swapped."
+        )
+    if identical:
+        logger.warning(
+            f"{len(identical)} of {total} rows of the {dataset_name} dataset have `chosen` == `rejected` (rows "
+            f"{identical[:10]}): their preference term is the constant log 2 with no gradient (only the NLL term "
+            "trains on them) and their reward accuracy is decided by rounding. Remove them (`trl-longpo generate` "
+            "drops such pairs)."
+        )

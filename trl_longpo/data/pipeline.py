@@ -19,7 +19,7 @@ import datasets
 from .backends import GenerationBackend, make_backend
 from .config import DataConfigError, GenerationConfig
 from .documents import load_documents_table
-from .rows import build_rows, write_outputs
+from .rows import build_rows, shard_name, write_outputs
 from .stages import LazyBackend, load_documents, make_turns, run_instructions, run_long_answers, run_short_answers
 from .stats import RunStats, summary_table, write_report
 from .store import lock_settings, locked_output, prepare_output
@@ -104,7 +104,7 @@ def generate_dataset(
         raise DataConfigError("No output directory given (--output).")
     out = Path(config.output)
     if config.world_size > 1:
-        out = out / "shards" / f"rank-{config.rank:05d}-of-{config.world_size:05d}"
+        out = out / "shards" / shard_name(config.rank, config.world_size)
     source = documents if documents is not None else config.documents
     table, column = load_documents_table(source, config.text_column, config.pydoc_doc_chars)  # fail fast on inputs
     if tokenizer is None:

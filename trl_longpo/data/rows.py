@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import datasets
 
-from .config import GenerationConfig
+from .config import DataConfigError, GenerationConfig
 from .stages import Turn, answer_text, assistant, join_context, user
 from .stats import RunStats
-from .store import atomic_replace_dir, atomic_write_text
+from .store import SETTINGS_FILE, atomic_replace_dir, atomic_write_text
 
 _MESSAGE = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
 
@@ -85,18 +87,10 @@ def write_outputs(out: Path, rows: list[dict[str, Any]], config: GenerationConfi
 
 
 def merge_shards(output: str | Path) -> datasets.Dataset:
-    """Concatenate the datasets of all `rank-r-of-n` shards under OUTPUT/shards into OUTPUT/dataset."""
+    """Concatenate the datasets of all `rank-r-of-n` shards under OUTPUT/shards into OUTPUT/dataset, after
+    `check_shards` (one world size, every rank present and finished, the same settings)."""
     output = Path(output)
-    shards = sorted((output / "shards").glob("rank-*-of-*"))
-    if not shards:
-        raise FileNotFoundError(f"No shards under {output / 'shards'}.")
-    world = {s.name.rsplit("-of-", 1)[1] for s in shards}
-    missing = [s for s in shards if not (s / "dataset").exists()]
-    if len(world) != 1 or len(shards) != int(next(iter(world))) or missing:
-        raise RuntimeError(
-            f"Shards under {output / 'shards'} are incomplete: found {[s.name for s in shards]}, unfinished "
-            f"{[s.name for s in missing]}."
-        )
+    shards = check_shards(output / "shards")
     merged = datasets.concatenate_datasets([datasets.load_from_disk(str(s / "dataset")) for s in shards])
     tmp = output / "dataset.tmp"
     if tmp.exists():
@@ -105,3 +99,74 @@ def merge_shards(output: str | Path) -> datasets.Dataset:
     atomic_replace_dir(tmp, output / "dataset")
     atomic_write_text(output / "shards.txt", "\n".join(s.name for s in shards) + "\n")
     return merged
+
+
+def check_shards(shards_dir: Path) -> list[Path]:
+    """The shard directories of one sharded run in rank order; raises `ShardsError` naming missing or unfinished
+    ranks, a second world size, or settings (other than the rank) that differ between shards."""
+    found = {}
+    for path in sorted(shards_dir.glob("rank-*-of-*")):
+        match = _SHARD.match(path.name)
+        if match:
+            found.setdefault(int(match.group(2)), {})[int(match.group(1))] = path
+    if not found:
+        raise ShardsError(f"No shards (rank-R-of-N directories) under {shards_dir}.")
+    if len(found) > 1:
+        listing = "; ".join(f"world size {n}: {sorted(p.name for p in ranks.values())}" for n, ranks in sorted(found.items()))
+        raise ShardsError(
+            f"{shards_dir} holds shards of {len(found)} runs with different --world_size ({listing}). Delete the "
+            "shards of the run you do not want, then merge again."
+        )
+    ((world_size, ranks),) = found.items()
+    missing = [r for r in range(world_size) if r not in ranks]
+    if missing:
+        raise ShardsError(
+            f"{shards_dir}: rank(s) {missing} of --world_size {world_size} are missing (no "
+            f"{', '.join(shard_name(r, world_size) for r in missing[:5])}). Run `trl-longpo generate --rank R "
+            f"--world_size {world_size}` for them, then merge again."
+        )
+    shards = [ranks[r] for r in range(world_size)]
+    unfinished = [s.name for s in shards if not (s / "dataset").exists()]
+    if unfinished:
+        raise ShardsError(
+            f"{shards_dir}: shard(s) {unfinished} are not finished (no dataset/). Rerun (resume) them, then merge."
+        )
+    settings = {s.name: _shard_settings(s) for s in shards}
+    reference = settings[shards[0].name]
+    differing = sorted(
+        {
+            key
+            for values in settings.values()
+            for key in set(values) | set(reference)
+            if key not in _PER_RANK_SETTINGS and values.get(key, "<unset>") != reference.get(key, "<unset>")
+        }
+    )
+    if differing:
+        shown = "; ".join(
+            f"{key}: " + ", ".join(f"{name}={values.get(key, '<unset>')!r}" for name, values in settings.items())
+            for key in differing
+        )
+        raise ShardsError(
+            f"The shards under {shards_dir} were generated with different settings ({shown[:600]}); merging them "
+            "would mix two datasets. Regenerate the odd shards with the settings of the others."
+        )
+    return shards
+
+
+_SHARD = re.compile(r"^rank-(\d+)-of-(\d+)$")
+_PER_RANK_SETTINGS = ("rank", "documents_fingerprint")  # each rank reads its own documents
+
+
+class ShardsError(DataConfigError):
+    """The shards of a multi-process run cannot be merged; the message names the shards and what to do."""
+
+
+def shard_name(rank: int, world_size: int) -> str:
+    return f"rank-{rank:05d}-of-{world_size:05d}"
+
+
+def _shard_settings(shard: Path) -> dict[str, Any]:
+    try:
+        return json.loads((shard / SETTINGS_FILE).read_text())["settings"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ShardsError(f"Cannot read the settings of shard {shard} ({SETTINGS_FILE}): {exc}.") from exc

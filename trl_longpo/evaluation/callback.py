@@ -19,7 +19,12 @@ from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
 from trl_longpo.evaluation.probes import build_retrieval_probes
-from trl_longpo.evaluation.retention import evaluate_retrieval, short_retention_metrics, short_retention_rows
+from trl_longpo.evaluation.retention import (
+    evaluate_retrieval,
+    reference_answer_log_probs,
+    short_retention_metrics,
+    short_retention_rows,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -60,7 +65,38 @@ class RetentionCallback(TrainerCallback):
             self.tokenizer, self.lengths, args.retention_probes_per_length, documents=documents, seed=args.seed
         )
         self.rows = self._held_out_rows(trainer, args.retention_short_samples, args.seed)
+        self.reference_log_probs = self._reference_scores_if_dropped(trainer)
         self._last_step = None
+
+    def _reference_scores_if_dropped(self, trainer) -> list | None:
+        """With `precompute_ref_log_probs=True` and no `ref_model` (nor PEFT), DPOTrainer keeps no reference during
+        training; scoring "the reference" then would score the policy against itself (KL and drift exactly 0). The
+        policy is still the initial model here (a resume loads its checkpoint later, in `train`), so the reference
+        side of the short-retention rows is scored now, once, and kept on the CPU."""
+        from accelerate.utils import is_peft_model
+
+        if trainer.ref_model is not None or is_peft_model(trainer.model):
+            return None
+        if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled:
+            raise ValueError(
+                "Retention monitoring (`retention_eval_steps`) with `precompute_ref_log_probs=True` under DeepSpeed or "
+                "FSDP: the reference model is dropped after the precompute and the policy is not gathered yet, so "
+                "short-context KL and drift cannot be measured against it. Pass `ref_model` (kept for the metrics), "
+                "use PEFT (the reference is the policy without adapters), or set `precompute_ref_log_probs=False`."
+            )
+        from trl_longpo.sequence_parallel import unsplit_attention
+
+        model = trainer.model
+        with unsplit_attention(model), trainer.accelerator.autocast():
+            scores = reference_answer_log_probs(
+                model, self.tokenizer, self.rows, reference_context=lambda: trainer.reference_context(model)
+            )
+        size = sum(t.numel() * t.element_size() for t in scores)
+        logger.info(
+            f"precompute_ref_log_probs: the reference log-probs of {len(scores)} short-retention rows are kept on the "
+            f"CPU ({size / 2**20:.1f} MiB) for eval_short/kl and eval_short/logp_drift."
+        )
+        return scores
 
     @staticmethod
     def _held_out_rows(trainer, n: int, seed: int) -> list[dict]:
@@ -90,6 +126,7 @@ class RetentionCallback(TrainerCallback):
                 self.tokenizer,
                 self.rows,
                 reference_context=lambda: trainer.reference_context(reference),
+                reference_log_probs=self.reference_log_probs,
             )
         metrics = {f"eval_long/acc@{n}": accuracy[n] for n in self.lengths}
         metrics[f"eval_short/acc@{self.lengths[0]}"] = accuracy[self.lengths[0]]

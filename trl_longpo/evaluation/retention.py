@@ -151,6 +151,29 @@ def _answer_log_probs(model, prompt_ids: list[int], answer_ids: list[int]) -> to
     return F.log_softmax(logits if logits.dtype in (torch.float32, torch.float64) else logits.float(), dim=-1)
 
 
+def _short_row_ids(tokenizer, row: dict, index: int) -> tuple[list[int], list[int]]:
+    """(short prompt ids, answer ids) of a retention row, tokenized as the trainer tokenizes the reference side."""
+    example = {"prompt": row["short_prompt"], "short_prompt": row["short_prompt"]}
+    example.update(chosen=row["chosen"], rejected=row["chosen"])
+    tokenized = tokenize_row(example, index, tokenizer, tokenizer.eos_token)
+    return tokenized["short_prompt_ids"][0], tokenized["short_chosen_ids"][0]
+
+
+def reference_answer_log_probs(
+    reference, tokenizer, rows: Sequence[dict], *, reference_context: Callable[[], AbstractContextManager] | None = None
+) -> list[torch.Tensor]:
+    """The reference's (answer tokens, vocab) log-probs of each row, on the CPU: computed once while the reference is
+    at hand, for runs that do not keep it (`precompute_ref_log_probs=True` frees it before training)."""
+    reference_context = reference_context or contextlib.nullcontext
+    result = []
+    with _eval_mode(reference):
+        for i, row in enumerate(rows):
+            prompt_ids, answer_ids = _short_row_ids(tokenizer, row, i)
+            with reference_context():
+                result.append(_answer_log_probs(reference, prompt_ids, answer_ids).float().cpu())
+    return result
+
+
 def short_retention_metrics(
     policy,
     reference,
@@ -158,6 +181,7 @@ def short_retention_metrics(
     rows: Sequence[dict],
     *,
     reference_context: Callable[[], AbstractContextManager] | None = None,
+    reference_log_probs: Sequence[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Answer log-prob drift and KL(policy || reference) of the chosen answers teacher-forced on the SHORT prompts.
 
@@ -165,25 +189,30 @@ def short_retention_metrics(
     `kl`: mean over all answer tokens of KL(policy || reference) over the full vocabulary.
     `reference=None` means the PEFT `policy` with its adapters disabled; `reference_context` (a factory of context
     managers) wraps each reference forward otherwise (the trainer's `reference_context`, which also restores the
-    original RoPE θ when `policy_rope_theta` changed the policy's).
+    original RoPE θ when `policy_rope_theta` changed the policy's). `reference_log_probs` (from
+    `reference_answer_log_probs`) replaces the reference forwards; `reference` is then ignored.
     """
     if not rows:
         raise ValueError("`rows` is empty: short-retention metrics need at least one short prompt and answer.")
-    if reference is None:
+    if reference_log_probs is not None:
+        if len(reference_log_probs) != len(rows):
+            raise ValueError(f"{len(reference_log_probs)} cached reference log-probs for {len(rows)} rows.")
+        reference = None
+    elif reference is None:
         if not hasattr(policy, "disable_adapter"):
             raise ValueError("`reference=None` needs a PEFT policy (the reference is the policy without adapters).")
         reference, reference_context = policy, policy.disable_adapter
     reference_context = reference_context or contextlib.nullcontext
     drifts, kl_sum, tokens = [], 0.0, 0
-    with _eval_mode(policy, reference):
+    with _eval_mode(*(m for m in (policy, reference) if m is not None)):
         for i, row in enumerate(rows):
-            example = {"prompt": row["short_prompt"], "short_prompt": row["short_prompt"]}
-            example.update(chosen=row["chosen"], rejected=row["chosen"])
-            tokenized = tokenize_row(example, i, tokenizer, tokenizer.eos_token)
-            prompt_ids, answer_ids = tokenized["short_prompt_ids"][0], tokenized["short_chosen_ids"][0]
+            prompt_ids, answer_ids = _short_row_ids(tokenizer, row, i)
             policy_lp = _answer_log_probs(policy, prompt_ids, answer_ids)
-            with reference_context():
-                reference_lp = _answer_log_probs(reference, prompt_ids, answer_ids)
+            if reference_log_probs is not None:
+                reference_lp = reference_log_probs[i]
+            else:
+                with reference_context():
+                    reference_lp = _answer_log_probs(reference, prompt_ids, answer_ids)
             target = torch.tensor(answer_ids, device=policy_lp.device)[:, None]
             drift = policy_lp.gather(-1, target).sum() - reference_lp.to(policy_lp.device).gather(-1, target).sum()
             drifts.append(drift.item() / len(answer_ids))
