@@ -146,7 +146,7 @@ def test_unwritable_output_is_a_one_line_error(tmp_path, capsys):
 
 
 def test_demo_accepts_overwrite_with_generates_safety(tmp_path, capsys):
-    demo = ["demo", "--output", str(tmp_path / "demo"), "--num_documents", "1", "--train_steps", "0"]
+    demo = ["demo", "--model", "tiny", "--output", str(tmp_path / "demo"), "--num_documents", "1", "--train_steps", "0"]
     demo += ["--progress", "false"]
     assert main(demo) == 0
     assert main([*demo, "--max_new_tokens", "8"]) == 2  # changed settings: refused, with the hint

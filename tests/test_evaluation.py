@@ -270,6 +270,30 @@ def test_callback_logs_every_metric_at_start_every_n_steps_and_at_the_end(tokeni
     assert not any("rewards/chosen" in e for e in logs.values())
 
 
+def test_callback_with_precomputed_reference_scores_the_true_reference(tokenizer, tmp_path):
+    """`precompute_ref_log_probs=True` frees the reference before training; short KL and drift must still be measured
+    against the initial model, never the policy against itself (issue 19: they read exactly 0 at every step)."""
+    model = _model()
+    initial = clone(model)
+    trainer = LongPOTrainer(
+        model=model,
+        args=_retention_args(tmp_path, max_steps=2, precompute_ref_log_probs=True),
+        train_dataset=Dataset.from_list(make_rows(4)),
+        eval_dataset=Dataset.from_list(make_rows(3, seed=2)),
+        processing_class=tokenizer,
+    )
+    assert trainer.ref_model is None
+    trainer.train()
+    logs = _retention_logs(trainer)
+    assert sorted(logs) == [0, 2]
+    assert logs[0]["eval_short/kl"] == 0.0 and logs[0]["eval_short/logp_drift"] == 0.0  # untrained: the reference
+    held_out = short_retention_rows(trainer.eval_dataset, 2, seed=0)
+    want = short_retention_metrics(trainer.model, initial, tokenizer, held_out)
+    assert want["kl"] > 0
+    assert logs[2]["eval_short/kl"] == pytest.approx(want["kl"], rel=1e-9)
+    assert logs[2]["eval_short/logp_drift"] == pytest.approx(want["logp_drift"], rel=1e-9, abs=1e-12)
+
+
 def test_callback_is_off_by_default_and_warns_without_eval_dataset(tokenizer, tmp_path, caplog):
     dataset = Dataset.from_list(make_rows(4))
     off = LongPOTrainer(model=_model(), args=longpo_args(tmp_path), train_dataset=dataset, processing_class=tokenizer)

@@ -170,7 +170,7 @@ def reference_answer_log_probs(
         for i, row in enumerate(rows):
             prompt_ids, answer_ids = _short_row_ids(tokenizer, row, i)
             with reference_context():
-                result.append(_answer_log_probs(reference, prompt_ids, answer_ids).float().cpu())
+                result.append(_answer_log_probs(reference, prompt_ids, answer_ids).cpu())
     return result
 
 
