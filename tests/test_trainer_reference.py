@@ -131,3 +131,35 @@ def test_policy_rope_theta_applies_to_policy_only(tokenizer, tmp_path):
     ref = trainer._metrics["train"]["logps/ref_chosen"][-1]
     expected_ref = sum(answer_logp(base, tokenizer, r["short_prompt"], r["chosen"][0]) for r in rows) / len(rows)
     assert ref == pytest.approx(expected_ref, abs=1e-4)
+
+
+def _precomputed(model, tokenizer, dataset, tmp_path) -> list[float]:
+    args = longpo_args(tmp_path, precompute_ref_log_probs=True, per_device_train_batch_size=2)
+    trainer = LongPOTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    return trainer.train_dataset["ref_chosen_logps"]
+
+
+def test_precomputed_reference_cache_is_keyed_on_the_reference_config(tokenizer, tmp_path):
+    """Same reference weights, another RoPE config: the cached log-probs of the first must not be reused (issue 19:
+    DPOTrainer keys the cache on the dataset and the weights only). A damaged cache file is named, with the fix."""
+    from datasets import load_from_disk
+
+    from trl_longpo.modeling import set_rope_theta
+    from trl_longpo.tokenization import LongPODataError
+
+    Dataset.from_list(make_rows(4)).save_to_disk(str(tmp_path / "data"))  # on disk: DPOTrainer caches next to it
+    model = build_tiny_model(seed=0)
+    stretched = clone(model)
+    set_rope_theta(stretched, 1e3)
+    first = _precomputed(model, tokenizer, load_from_disk(str(tmp_path / "data")), tmp_path)
+    assert _precomputed(clone(model), tokenizer, load_from_disk(str(tmp_path / "data")), tmp_path) == first  # reused
+    cached = _precomputed(stretched, tokenizer, load_from_disk(str(tmp_path / "data")), tmp_path)
+    fresh = _precomputed(clone(stretched), tokenizer, Dataset.from_list(make_rows(4)), tmp_path)  # no cache in memory
+    assert cached == pytest.approx(fresh, abs=1e-5) and cached != pytest.approx(first, abs=1e-3)
+
+    cache_files = [p for p in (tmp_path / "data").glob("cache-*.arrow") if "ref_chosen_logps" in Dataset.from_file(str(p)).column_names]
+    assert len(cache_files) == 2
+    for path in cache_files:
+        path.write_bytes(path.read_bytes()[:100])  # a kill while writing it
+    with pytest.raises(LongPODataError, match=r"cached reference log-probs .*cache-.*\.arrow cannot be used.*Delete"):
+        _precomputed(clone(model), tokenizer, load_from_disk(str(tmp_path / "data")), tmp_path)
