@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 import traceback
+from pathlib import Path
 
 import pytest
 import torch
 from distributed import init_rank, launch, write_result
 
-from trl_longpo.sequence_parallel.planning import check_ulysses_degree, replicated_kv_heads
+from trl_longpo.sequence_parallel.planning import ModelShape, check_ulysses_degree, replicated_kv_heads
 
 TOKENS, HEADS, DIM = 12, 4, 8
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # sp_comm: the communication-counting benchmark (also in the rank processes)
+COMM_SHAPE = ModelShape("tiny", 128, 1, 1, 4, 2, 32, 1)
 
 
 def _causal(q, k, v):
@@ -58,10 +63,45 @@ def _worker(rank: int, world_size: int, port: int, outdir: str) -> None:
             result[f"attention_kv{kv_heads}_local_only_error"] = (
                 (_causal(*(t.detach() for t in local)) - out_full[mine]).abs().max().item()
             )
+        result.update(_plan_parity(rank, world_size, group))
+        import sp_comm
+
+        result["comm"] = sp_comm.count_layouts(sp_comm.make_job(2, 128, COMM_SHAPE))
         dist.destroy_process_group()
     except Exception:  # noqa: BLE001 - reported to the test, which fails with the traceback
         result["error"] = traceback.format_exc()
     write_result(outdir, rank, result)
+
+
+def _plan_parity(rank: int, world_size: int, group) -> dict:
+    """UlyssesPlan around the unsplit plans (packed causal rows; a shared-prompt tree) against those plans run on the
+    whole packed sequence: outputs and q/k/v gradients of this rank's tokens."""
+    from trl_longpo.attention.ring import make_varlen_plan
+    from trl_longpo.attention.tree import Tree, plan_for_trees
+    from trl_longpo.sequence_parallel.ulysses import UlyssesPlan, ulysses_local_ranges
+
+    errors = {}
+    segments = [12, 16]  # two rows, padded to multiples of 2 x sp
+    trees = [Tree(20, (4, 4))]
+    cases = {
+        "rows": (segments, make_varlen_plan("zigzag", torch.tensor([0, 12, 28], dtype=torch.int32), 0, 1)),
+        "tree": ([28], plan_for_trees(trees, backend="cpu")),
+    }
+    g = torch.Generator().manual_seed(1)
+    for name, (lengths, whole) in cases.items():
+        q, k, v = (torch.randn(28, h, DIM, dtype=torch.float64, generator=g, requires_grad=True) for h in (4, 2, 2))
+        weight = torch.randn(28, 4, DIM, dtype=torch.float64, generator=g)
+        (whole.attend(q, k, v, softmax_scale=0.3, group=None, heads_k_stride=1) * weight).sum().backward()
+        mine = torch.cat([torch.arange(a, b) for a, b in ulysses_local_ranges(lengths, rank, 2, 2, "zigzag")])
+        local = [t[mine].detach().clone().requires_grad_() for t in (q, k, v)]
+        plan = UlyssesPlan(whole, group, None, len(mine))
+        out = plan.attend(*local, softmax_scale=0.3, group=None, heads_k_stride=1)
+        (out * weight[mine]).sum().backward()
+        ref = whole.attend(q.detach(), k.detach(), v.detach(), softmax_scale=0.3, group=None, heads_k_stride=1)
+        errs = [(out - ref[mine]).abs().max().item()]
+        errs += [(t.grad - full.grad[mine]).abs().max().item() for t, full in zip(local, (q, k, v))]
+        errors[f"plan_{name}_max_error"] = max(errs)
+    return errors
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +133,20 @@ def test_gqa_replication_and_refusal():
         check_ulysses_degree(28, 4, 8)
     with pytest.raises(ValueError, match="largest valid degree up to it is 4"):
         check_ulysses_degree(28, 4, 6)
+
+
+@pytest.mark.parametrize("case", ["rows", "tree"])
+def test_ulysses_plan_runs_the_whole_varlen_or_tree_plan_on_local_heads(ranks, case):
+    for r in ranks:
+        assert r[f"plan_{case}_max_error"] < 1e-10
+
+
+def test_counted_bytes_equal_the_planner_formula(ranks):
+    """benchmarks/sp_comm.py at sp 2: every layout's counted bytes per rank per layer equal the planner's formula."""
+    import sp_comm
+
+    rows = sp_comm.summarise(sp_comm.make_job(2, 128, COMM_SHAPE), [r["comm"] for r in ranks])
+    assert {(r["name"], r["shared"]) for r in rows} >= {("ring zigzag", False), ("ulysses", True)}
+    for r in rows:
+        assert r["measured"] > 0
+        assert r["measured"] == pytest.approx(r["formula"], rel=1e-9), r

@@ -26,6 +26,8 @@ positions and loss (plain LM loss only). What we need is only the exchange; the 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
@@ -107,3 +109,83 @@ def ulysses_attention(q, k, v, attend, group: dist.ProcessGroup, num_heads: int 
     k, v = expand_kv_heads(k, heads, u), expand_kv_heads(v, heads, u)
     out = attend(seq_to_heads(q, group), seq_to_heads(k, group), seq_to_heads(v, group))
     return heads_to_seq(out, group)
+
+
+# ------------------------------------------------------------------------------------------------ layout and plan
+
+
+def ulysses_local_ranges(
+    segment_lengths: list[int], sp_rank: int, sp_size: int, ulysses: int, impl: str
+) -> list[tuple[int, int]]:
+    """[start, stop) ranges of the packed, padded sequence that SP rank `sp_rank` holds under Ulysses x ring.
+
+    SP rank s = ring_rank * ulysses + j: ring rank s // u takes its ring shard (`sharding.local_ranges` with the ring
+    degree: zigzag chunks or a contiguous piece), and Ulysses rank j the j-th contiguous 1/u of that shard, so the
+    Ulysses all-to-all (rank-major) rebuilds the ring shard in its local order. Segment lengths must already be padded
+    to multiples of 2 x sp (zigzag) or their total to a multiple of 2 x sp (llama3), as `shard_rows` pads."""
+    from trl_longpo.sequence_parallel.sharding import local_ranges
+
+    ring = sp_size // ulysses
+    ring_rank, piece = divmod(sp_rank, ulysses)
+    ranges = local_ranges(segment_lengths, ring_rank, ring, impl)
+    per_rank = sum(b - a for a, b in ranges) // ulysses
+    start, stop, pos, out = piece * per_rank, (piece + 1) * per_rank, 0, []
+    for a, b in ranges:
+        lo, hi = max(start, pos), min(stop, pos + b - a)
+        if lo < hi:
+            out.append((a + lo - pos, a + hi - pos))
+        pos += b - a
+    return out
+
+
+@dataclass(frozen=True)
+class UlyssesPlan:
+    """An attention plan for Ulysses (ring_group None: `inner` covers the whole packed sequence) or the hybrid
+    (`inner` is the ring plan of this rank's ring shard, run over `ring_group` with H/u heads).
+
+    `inner` is any plan (varlen rows, ring, shared-prompt tree) built for the u x n tokens the all-to-all delivers."""
+
+    inner: object
+    ulysses_group: dist.ProcessGroup
+    ring_group: dist.ProcessGroup | None
+    num_local_tokens: int
+    impl: str = "ulysses"
+
+    @property
+    def needs_half_precision(self) -> bool:
+        return getattr(self.inner, "needs_half_precision", False)
+
+    def compute_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+        inner = getattr(self.inner, "compute_dtype", None)
+        return inner(dtype, device) if inner is not None else dtype
+
+    def attend(self, q, k, v, *, softmax_scale, group=None, heads_k_stride=1):
+        def local(q, k, v):
+            return self.inner.attend(
+                q, k, v, softmax_scale=softmax_scale, group=self.ring_group, heads_k_stride=heads_k_stride
+            )
+
+        return ulysses_attention(q, k, v, local, self.ulysses_group)
+
+
+def init_ulysses_groups(
+    sp_size: int, ulysses: int, dp_size: int, rank: int
+) -> tuple[dist.ProcessGroup, dist.ProcessGroup | None]:
+    """(Ulysses group, ring group or None) of `rank`: within each SP group of `sp_size` consecutive ranks, Ulysses
+    groups are `ulysses` consecutive ranks (one node's NVLink when u divides the GPUs per node) and ring groups take
+    one rank of each (stride u). Collective: every rank creates every group, in the same order."""
+    if ulysses < 1 or sp_size % ulysses:
+        raise ValueError(f"ulysses_degree={ulysses} must divide sequence_parallel_size={sp_size}")
+    ring = sp_size // ulysses
+    mine_u = mine_r = None
+    for dp in range(dp_size):
+        base = dp * sp_size
+        for r in range(ring):
+            ranks = [base + r * ulysses + j for j in range(ulysses)]
+            group = dist.new_group(ranks)
+            mine_u = group if rank in ranks else mine_u
+        for j in range(ulysses):
+            ranks = [base + r * ulysses + j for r in range(ring)]
+            group = dist.new_group(ranks) if ring > 1 else None
+            mine_r = group if rank in ranks else mine_r
+    return mine_u, mine_r
