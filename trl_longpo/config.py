@@ -29,6 +29,19 @@ class LongPOConfig(DPOConfig):
     where the policy πθ sees the long prompt x_L and the frozen reference πref the short prompt x_S.
 
     Parameters:
+        > Parameters that control the data preprocessing
+
+        max_length (`int` or `None`, *optional*, defaults to `None`):
+            Maximum tokens of a tokenized sequence (long prompt + answer, and short prompt + answer); `None` means no
+            limit. A longer row raises an error naming it, or is dropped with a logged count (`truncation_mode`).
+        truncation_mode (`str`, *optional*, defaults to `"error"`):
+            What to do with a row longer than `max_length`: `"error"` stops with the row index and its length,
+            `"drop"` removes the row and logs how many were removed. DPO's `"keep_start"` is refused.
+
+        > Parameters that control the training
+
+        beta (`float`, *optional*, defaults to `0.1`):
+            Inherited from [`~trl.DPOConfig`]. The paper's text uses 0.1; the official code and its README run 0.01.
         dpo_weight (`float`, *optional*, defaults to `0.01`):
             λ, the weight of the LongPO preference term (paper Eq. 14 and official code: 0.01).
         nll_weight (`float`, *optional*, defaults to `1.0`):
@@ -36,15 +49,53 @@ class LongPOConfig(DPOConfig):
         nll_scope (`str`, *optional*, defaults to `"sequence"`):
             `"sequence"` (paper): mean token NLL over the whole chosen long sequence — document, instructions and
             answers; pads excluded. `"completion"`: mean over the chosen answer tokens only (TRL's `"sft"` term).
-        share_prompt (`bool`, *optional*, defaults to `True`):
-            Pack chosen and rejected with their shared prompt as one tree-attention sequence (prompt computed once).
         policy_rope_theta (`float`, *optional*):
             RoPE base θ given to the policy for long inputs (paper: 1e7 for Mistral-7B-Instruct-v0.2). The reference
-            keeps the model's original RoPE. The saved model carries the new θ.
-        beta (`float`, *optional*, defaults to `0.1`):
-            Inherited from DPOConfig. The paper's text uses 0.1; the official code and its README run 0.01.
+            keeps the model's original RoPE. The saved model carries the new θ. `None` keeps the model's θ.
+        share_prompt (`bool`, *optional*, defaults to `True`):
+            Pack chosen and rejected with their shared prompt as one tree-attention sequence (prompt computed once;
+            the reference shares each short prompt likewise). Same loss and gradients as `False` (DPOTrainer's
+            layout: two sequences), about half the compute and activation memory at long context.
 
-    > Defaults that differ from [`~trl.DPOConfig`] because DPO's are wrong for long contexts or for the paper:
+        > Parameters that control sequence parallelism
+
+        sequence_parallel_size (`int`, *optional*, defaults to `1`):
+            Ranks that split each sequence with ring attention (world = dp × sp; SP groups are consecutive ranks).
+            `1` disables sequence parallelism.
+        ring_attn_impl (`str`, *optional*, defaults to `"zigzag"`):
+            ring-flash-attn implementation: `"zigzag"` (balanced causal work) or `"llama3"` (all-gathers K/V: better
+            precision, no per-row padding to 2·sp).
+        ring_heads_k_stride (`int`, *optional*, defaults to `1`):
+            `"llama3"` ring: kv heads all-gathered at a time; must divide the kv head count.
+        sequence_parallel_reference (`str`, *optional*, defaults to `"ring"`):
+            How the reference scores the short inputs under sequence parallelism: `"ring"` (split like the policy) or
+            `"local"` (unsplit on every rank; needs a separate reference model and short inputs that fit a device).
+        ring_ignore_sliding_window (`bool`, *optional*, defaults to `False`):
+            Ring attention cannot apply a sliding window across ranks: a sliding-window model is refused under
+            sequence parallelism unless this is set (it then trains with full causal attention and a warning).
+
+        > Parameters that control retention monitoring
+
+        retention_eval_steps (`int`, *optional*, defaults to `0`):
+            Measure long-context retrieval and short-context retention before training, every this many steps and at
+            the end (logged as `eval_long/acc@L`, `eval_short/*`). `0` disables it.
+        retention_probe_lengths (`list[int]`, *optional*, defaults to `[512, 1024, 2048]`):
+            Prompt lengths in tokens of the retrieval probes; each is logged as `eval_long/acc@L`, the shortest also
+            as `eval_short/acc@L`.
+        retention_probes_per_length (`int`, *optional*, defaults to `8`):
+            Retrieval probes per length, with the needle at depths spread evenly from 0 to 1.
+        retention_short_samples (`int`, *optional*, defaults to `16`):
+            Short prompts (from `eval_dataset`, else the training rows) on which the answer log-prob drift and KL of
+            the policy against the reference are measured.
+        retention_max_new_tokens (`int`, *optional*, defaults to `24`):
+            Greedy tokens decoded per retrieval probe (a fixed count, no early stop; a cut answer scores as wrong).
+        retention_documents (`str`, *optional*):
+            Haystack documents for the probes (a file or directory, as `trl-longpo generate --documents`); `None`
+            uses the built-in corpus (CPython's help topics).
+
+    > [!NOTE]
+    > These parameters have default values different from [`~trl.DPOConfig`], because DPO's are wrong for long
+    > contexts or for the paper:
     > - `max_length`: `None` (no limit) instead of `1024`. DPO silently cuts every sequence to 1,024 tokens, which
     >   would reduce a 128K-token document to its first page.
     > - `truncation_mode`: `"error"` instead of `"keep_start"`. A row longer than `max_length` raises an error naming
