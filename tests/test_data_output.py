@@ -138,6 +138,7 @@ def test_unwritable_output_is_a_one_line_error(tmp_path, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     argv = ["generate", "--model", str(model), "--documents", "builtin:pydoc", "--max_documents", "1"]
+    argv += ["--chunk_tokens", "512"]
     capsys.readouterr()
     code = main([*argv, "--output", str(blocker / "out"), "--progress", "false"])
     err = capsys.readouterr().err.strip()

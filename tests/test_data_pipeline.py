@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from trl_longpo.data import GenerationConfig, chat_prompt_ids, generate_dataset
+from trl_longpo.data import EmptyPlanError, GenerationConfig, chat_prompt_ids, generate_dataset, plan_generation
 from trl_longpo.data.testing import ScriptedBackend
 
 QUESTIONS = "Here are the questions:\n1. What does the passage say about {tag}?\n2. How is {tag} used in practice?\n"
@@ -208,10 +208,20 @@ def test_short_prompt_limit_and_document_length_filters(tmp_path, tokenizer):
     docs = [make_doc(0), make_doc(1, paragraphs=2), "", make_doc(3, paragraphs=40)]
     backend = ScriptedBackend(tokenizer, default_respond, context_length=4096)
     cfg = base_config(tmp_path, min_doc_tokens=200, max_doc_tokens=1000, max_short_prompt_tokens=60)
-    result = generate_dataset(cfg, documents=docs, backend=backend, tokenizer=tokenizer)
-    stages = result.stats["stages"]
-    assert stages["documents"] == {"in_source": 4, "empty": 1, "too_short": 1, "too_long": 1, "kept": 1}
-    assert stages["short_answers (chosen)"] == {"requested": 1, "prompt_over_limit": 1}
+    plan = plan_generation(cfg, documents=docs, backend=backend, tokenizer=tokenizer)
+    assert plan.documents == {"in_source": 4, "empty": 1, "too_short": 1, "too_long": 1, "kept": 1}
+    assert plan.stats["stages"]["short_answers (chosen)"] == {"requested": 1, "prompt_over_limit": 1}
+    assert plan.stage("short answers (chosen)").skipped == {"prompt_over_limit": 1} and plan.max_rows == 0
+    # the real run stops on that plan before the model is asked anything, naming the option
+    with pytest.raises(EmptyPlanError, match="--max_short_prompt_tokens 60"):
+        generate_dataset(cfg, documents=docs, backend=backend, tokenizer=tokenizer)
+    assert backend.calls == []
+
+
+def test_a_run_whose_answers_are_all_filtered_writes_an_empty_dataset(tmp_path, tokenizer):
+    backend = ScriptedBackend(tokenizer, lambda p, long: QUESTIONS.format(tag=0) if "comprehensive" in p else "no")
+    result = generate_dataset(base_config(tmp_path), documents=[make_doc(0)], backend=backend, tokenizer=tokenizer)
+    assert result.stats["stages"]["short_answers (chosen)"] == {"requested": 1, "too_short": 1}
     assert len(result.dataset) == 0 and "prompt" in result.dataset.column_names  # empty, but with the schema
 
 

@@ -1,6 +1,7 @@
 """`trl-longpo` console script.
 
     trl-longpo generate --model M --documents DOCS --output OUT [--backend hf|vllm] [...]   build a LongPO dataset
+    trl-longpo generate --model M --documents DOCS --dry_run [...]   its plan only (tokenizer + model config)
     trl-longpo demo [--output DIR] [--model tiny]        SmolLM2 -> data -> LongPOTrainer -> plot, offline on a CPU
     trl-longpo merge OUT                                 join the shards of a --world_size run into OUT/dataset
     trl-longpo tiny-model DIR                            save the tiny offline model and tokenizer to DIR
@@ -44,18 +45,29 @@ def _parser(dataclass_type, prog: str, description: str):
     return HfArgumentParser(dataclass_type, prog=prog, description=description, formatter_class=_HelpFormatter)
 
 
+def _explicit_options(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The destinations of the options present in `argv` (`--name value`, `--name=value`, `--no_name`)."""
+    actions = parser._option_string_actions  # argparse keeps no record of which options were given
+    return {actions[a.split("=", 1)[0]].dest for a in argv if a.startswith("--") and a.split("=", 1)[0] in actions}
+
+
 def _generate(argv: list[str]) -> int:
     from trl_longpo.data import GenerationConfig, generate_dataset
 
-    (config,) = _parser(GenerationConfig, "trl-longpo generate", COMMANDS["generate"]).parse_args_into_dataclasses(
-        argv
-    )
+    parser = _parser(GenerationConfig, "trl-longpo generate", COMMANDS["generate"])
+    namespace = parser.parse_args(argv)
+    config = GenerationConfig(**vars(namespace))  # applies --preset to the fields left at their defaults
+    for name in _explicit_options(parser, argv):  # a flag given on the command line overrides the preset
+        setattr(config, name, getattr(namespace, name))
     config.joiner = config.joiner.replace("\\n", "\n").replace("\\t", "\t")  # let the shell pass "\n\n"
-    missing = [name for name in ("model", "documents", "output") if not getattr(config, name)]
+    required = ("model", "documents") if config.dry_run else ("model", "documents", "output")
+    missing = [name for name in required if not getattr(config, name)]
     if missing:
         print(f"trl-longpo generate: missing {', '.join('--' + m for m in missing)}", file=sys.stderr)
         return 2
-    result = generate_dataset(config)
+    result = generate_dataset(config)  # prints the plan; a plan without rows raises EmptyPlanError (exit 2)
+    if config.dry_run:
+        return 0
     return 0 if len(result.dataset) else 1
 
 

@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from .inherited import inherited_field_problems
+
 NLL_SCOPES = ("sequence", "completion")
 RING_ATTN_IMPLS = ("zigzag", "llama3")
 SP_REFERENCE_MODES = ("ring", "local")
@@ -278,8 +280,6 @@ class LongPOConfig(DPOConfig):
         accelerate_sp = accelerate_parallelism_problem(self.parallelism_config, self.sequence_parallel_size)
         if accelerate_sp:
             problems.append(accelerate_sp)
-        if self.sequence_parallel_size > 1 and self.padding_free:
-            problems.append("`padding_free` is implied by sequence parallelism (rows are packed); leave it False.")
         if self.nll_scope not in NLL_SCOPES:
             problems.append(f"`nll_scope` must be one of {NLL_SCOPES}, got {self.nll_scope!r}.")
         if self.truncation_mode not in TRUNCATION_MODES:
@@ -297,27 +297,7 @@ class LongPOConfig(DPOConfig):
             problems.append(f"`max_length` must be positive or None, got {self.max_length}.")
         if self.policy_rope_theta is not None and self.policy_rope_theta <= 0:
             problems.append(f"`policy_rope_theta` must be positive, got {self.policy_rope_theta}.")
-        loss_type = [self.loss_type] if isinstance(self.loss_type, str) else list(self.loss_type)
-        if loss_type != ["sigmoid"]:
-            problems.append(
-                f"`loss_type={loss_type}` conflicts with LongPO, whose preference term is the sigmoid loss with the "
-                "short-to-long reference; weight the NLL with `nll_weight` instead of adding 'sft'."
-            )
-        if self.loss_weights is not None:
-            problems.append("`loss_weights` is not used by LongPO: set `dpo_weight` and `nll_weight` instead.")
-        if self.ld_alpha is not None:
-            problems.append("`ld_alpha` (LD-DPO) is not supported by LongPO.")
-        if self.use_weighting:
-            problems.append("`use_weighting` (WPO) is not supported by LongPO.")
-        if self.f_divergence_type != "reverse_kl":
-            problems.append(
-                "LongPO's short-to-long constraint is a reverse KL: leave `f_divergence_type='reverse_kl'`."
-            )
-        if self.sync_ref_model:
-            problems.append(
-                "`sync_ref_model` (TR-DPO) conflicts with LongPO: the reference must stay the frozen short-context "
-                "model that anchors short-context skills."
-            )
+        problems += inherited_field_problems(self)  # DPO options LongPO would otherwise ignore silently
         if problems:
             raise ValueError("Invalid LongPOConfig:\n- " + "\n- ".join(problems))
         if self.bf16 is None:

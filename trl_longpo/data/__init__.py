@@ -21,7 +21,8 @@ from .config import DataConfigError, GenerationConfig
 from .documents import DocumentsError, load_documents_table, pydoc_documents
 from .filters import check_answer, repetition_ratio
 from .instructions import parse_instructions
-from .pipeline import GenerationResult, generate_dataset
+from .pipeline import GenerationResult, generate_dataset, plan_generation
+from .plan import EmptyPlanError, GenerationPlan, StagePlan
 from .rows import merge_shards
 from .stages import chat_prompt_ids
 from .store import OutputDirError, SettingsMismatchError
@@ -31,13 +32,16 @@ __all__ = [
     "Completion",
     "DataConfigError",
     "DocumentsError",
+    "EmptyPlanError",
     "GenerationBackend",
     "GenerationConfig",
+    "GenerationPlan",
     "GenerationResult",
     "HFBackend",
     "OutputDirError",
     "Sampling",
     "SettingsMismatchError",
+    "StagePlan",
     "VLLMBackend",
     "chat_prompt_ids",
     "check_answer",
@@ -47,6 +51,7 @@ __all__ = [
     "make_backend",
     "merge_shards",
     "parse_instructions",
+    "plan_generation",
     "pydoc_documents",
     "repetition_ratio",
     "rope_theta_override",

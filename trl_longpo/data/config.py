@@ -7,13 +7,14 @@ are left out of the settings hash that guards resuming: a run may be resumed wit
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from .filters import DEFAULT_REFUSAL_PHRASES
+from .filters import DEFAULT_REFUSAL_PHRASES, OFFICIAL_REFUSAL_PHRASES
 from .instructions import DEFAULT_FALLBACK_INSTRUCTIONS, DEFAULT_INSTRUCTION_TEMPLATE, DEFAULT_LEAD_IN_PHRASES
 
 
@@ -51,6 +52,14 @@ class GenerationConfig:
         default="hf", metadata={"help": "Generation engine: transformers `generate` (CPU/GPU) or vLLM (extra)."}
     )
     seed: int = field(default=42, metadata={"help": "Seed; every request gets its own seed derived from it."})
+    preset: Literal["official"] | None = field(
+        default=None,
+        metadata={
+            "help": "`official`: every data choice set to the official LongPO pipeline's value (see PRESETS in "
+            "trl_longpo/data/config.py and the README's recipe table); an option given explicitly overrides it, and "
+            "settings.json records the resolved values."
+        },
+    )
 
     # --- documents ---
     min_doc_tokens: int = field(default=0, metadata={"help": "Drop documents shorter than this (paper: 64K)."})
@@ -173,8 +182,13 @@ class GenerationConfig:
         default=0.95,
         metadata={
             "help": "Answers whose share of words that occur more than once exceeds this are `degenerate` "
-            "(official code: 0.9 chosen / 0.95 rejected; >= 1 disables)."
+            "(official code: 0.9 chosen / 0.95 rejected; >= 1 disables). Applies to rejected answers too unless "
+            "--max_repetition_ratio_rejected is set."
         },
+    )
+    max_repetition_ratio_rejected: float | None = field(
+        default=None,
+        metadata={"help": "The repetition threshold for rejected (long) answers (default: max_repetition_ratio)."},
     )
     refusal_phrases: list[str] = field(
         default_factory=lambda: list(DEFAULT_REFUSAL_PHRASES),
@@ -211,6 +225,27 @@ class GenerationConfig:
     save_parquet: bool = field(default=False, metadata=_op("Also write the rows as data.parquet."))
     progress: bool = field(default=True, metadata=_op("Show progress bars."))
     overwrite: bool = field(default=False, metadata=_op("Delete an existing run in the output directory first."))
+    dry_run: bool = field(
+        default=False,
+        metadata=_op(
+            "Print the plan (prompts per stage that fit the short/long context, skipped and why, prompt and new "
+            "tokens, the most rows) from the tokenizer and model config only, and stop: no weights, no engine, no "
+            "output. Exit 2 if the plan yields no rows."
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        """Apply `preset` to every field still at its library default (the CLI re-applies explicit flags after)."""
+        if self.preset is None:
+            return
+        if self.preset not in PRESETS:
+            raise DataConfigError(f"Unknown preset {self.preset!r}; available: {', '.join(PRESETS)}.")
+        defaults = {f.name: f for f in dataclasses.fields(self)}
+        for name, value in PRESETS[self.preset].items():
+            f = defaults[name]
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if getattr(self, name) == default:
+                setattr(self, name, copy.deepcopy(value))
 
     def validate(self) -> None:
         """Reject settings that cannot work, before anything expensive happens."""
@@ -256,6 +291,33 @@ class GenerationConfig:
             if f.name not in OPERATIONAL_FIELDS and f.name != "output"
         }
 
+
+# The official pipeline's data choices (DAMO-NLP-SG/LongPO data_prepare/*.py); README "The recipe: paper, official
+# code, ours" explains each of our defaults that differs.
+PRESETS: dict[str, dict[str, Any]] = {
+    "official": {
+        "chunk_tokens": 30000,  # paragraphs grouped to 16,384-30,000 tokens, smaller groups discarded
+        "min_chunk_tokens": 16384,
+        "turns_per_doc": 2,  # two chunks sampled at random per document
+        "chunk_selection": "random",
+        "num_instructions": 4,  # 4 questions asked (T 0.7, top-p 0.9, 1,024 tokens); kept only if exactly 4 parse
+        "require_exact_count": True,
+        "instruction_pick": "random",
+        "on_parse_failure": "drop",
+        "use_lead_in": True,
+        "instruction_temperature": 0.7,
+        "instruction_top_p": 0.9,
+        "instruction_max_new_tokens": 1024,
+        "max_new_tokens": 1024,
+        "long_turn_context": "independent",  # each rejected turn from document + its own instruction
+        "min_answer_words": 2,
+        "max_repetition_ratio": 0.9,  # chosen
+        "max_repetition_ratio_rejected": 0.95,
+        "refusal_phrases": list(OFFICIAL_REFUSAL_PHRASES),
+        "drop_truncated": False,  # answers cut at 1,024 tokens are kept
+        "drop_identical": False,  # identical chosen/rejected pairs are kept
+    }
+}
 
 OPERATIONAL_FIELDS = frozenset(
     f.name for f in dataclasses.fields(GenerationConfig) if f.metadata.get("help", "").endswith("resuming]")

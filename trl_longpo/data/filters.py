@@ -31,6 +31,48 @@ DEFAULT_REFUSAL_PHRASES: tuple[str, ...] = (
     "I am restricted from",
 )
 
+# The official code's CENSORED_PHRASES (data_prepare/postprocess_longpo_pair.py), all 37, used by `--preset official`.
+# It checks them in chosen + rejected together; a phrase in either answer drops the pair, as here.
+OFFICIAL_REFUSAL_PHRASES: tuple[str, ...] = (
+    "I can't assist",
+    "content is not available",
+    "As an AI assistant",
+    "I am unable to",
+    "Sorry, I can't",
+    "That topic is outside my scope",
+    "My guidelines prevent me from addressing",
+    "I can't help with",
+    "I can't fulfill this request",
+    "I don't have the capability",
+    "This topic is restricted",
+    "I cannot discuss this subject",
+    "This information is not accessible",
+    "I'm not permitted to provide",
+    "I have no data on this issue",
+    "My training data does not cover this",
+    "Access to this information is restricted",
+    "This query is beyond my capabilities",
+    "Sorry, I can't delve into that",
+    "This goes beyond my operational boundaries",
+    "I cannot support this inquiry",
+    "I'm programmed not to respond to this",
+    "This matter is beyond my scope",
+    "My responses are limited",
+    "I have no input on that",
+    "My algorithm restricts me from answering",
+    "I'm sorry, but that's beyond my reach",
+    "My response capabilities don\u2019t include this topic",
+    "This falls outside my answer scope",
+    "I don't cover ",
+    "I can't engage with ",
+    "I'm not the right resource for that information",
+    "This content is beyond my purview",
+    "I don't handle this type of query",
+    "My training limits me from assisting on this",
+    "This issue is beyond my functionality",
+    "I am restricted from",
+)
+
 # The order in which an answer is checked; the first failing check is the one counted.
 ANSWER_FILTERS = ("empty", "truncated", "too_short", "degenerate", "refusal")
 

@@ -19,6 +19,7 @@ import datasets
 from .backends import GenerationBackend, make_backend
 from .config import DataConfigError, GenerationConfig
 from .documents import load_documents_table
+from .plan import GenerationPlan, plan_turns
 from .rows import build_rows, shard_name, write_outputs
 from .stages import LazyBackend, load_documents, make_turns, run_instructions, run_long_answers, run_short_answers
 from .stats import RunStats, summary_table, write_report
@@ -87,22 +88,23 @@ def _native_context(config: GenerationConfig, backend: GenerationBackend | None)
 
 
 # ------------------------------------------------------------------------------------------------------- entry
-def generate_dataset(
-    config: GenerationConfig,
-    *,
-    documents: str | list[str] | datasets.Dataset | None = None,
-    backend: GenerationBackend | None = None,
-    tokenizer: Any = None,
-) -> GenerationResult:
-    """Build (or resume building) a LongPO dataset in `config.output`; see the module docstring.
+@dataclass
+class _Inputs:
+    """Everything both the dry run and the real run derive before any model is loaded."""
 
-    `documents`, `backend` and `tokenizer` override `config.documents`, the engine named by `config.backend` and the
-    tokenizer loaded from `config.tokenizer or config.model` (useful in notebooks and tests).
-    """
+    out: Path
+    tokenizer: Any
+    native_ctx: int | None
+    long_ctx: int | None
+    docs: list
+    per_doc: list
+    stats: RunStats
+
+
+def _prepare(config: GenerationConfig, documents, backend: GenerationBackend | None, tokenizer) -> _Inputs:
+    """Read, filter and chunk the documents with the tokenizer and the model config only (no weights)."""
     config.validate()
-    if not config.output:
-        raise DataConfigError("No output directory given (--output).")
-    out = Path(config.output)
+    out = Path(config.output or ".")
     if config.world_size > 1:
         out = out / "shards" / shard_name(config.rank, config.world_size)
     source = documents if documents is not None else config.documents
@@ -117,10 +119,55 @@ def generate_dataset(
             "prompts would not fit. Lower --chunk_tokens (leave room for the instruction and max_new_tokens), or set "
             "--model_context_length if the config understates it."
         )
-    long_ctx = config.context_length or native_ctx
-
     stats = RunStats()
     docs = load_documents(config, table, column, tokenizer, stats)
+    per_doc = make_turns(docs, config, tokenizer, stats)
+    return _Inputs(out, tokenizer, native_ctx, config.context_length or native_ctx, docs, per_doc, stats)
+
+
+def plan_generation(
+    config: GenerationConfig,
+    *,
+    documents: str | list[str] | datasets.Dataset | None = None,
+    backend: GenerationBackend | None = None,
+    tokenizer: Any = None,
+) -> GenerationPlan:
+    """The dry run's plan (see `plan.py`): loads the tokenizer and the model config, never the weights or an engine.
+    Arguments as for `generate_dataset`; a plan with no rows has `max_rows == 0` and `problem` set (`plan.check()`
+    raises)."""
+    i = _prepare(config, documents, backend, tokenizer)
+    return plan_turns(i.docs, i.per_doc, config, i.tokenizer, i.native_ctx, i.long_ctx, i.stats)
+
+
+def generate_dataset(
+    config: GenerationConfig,
+    *,
+    documents: str | list[str] | datasets.Dataset | None = None,
+    backend: GenerationBackend | None = None,
+    tokenizer: Any = None,
+    dry_run: bool | None = None,
+) -> GenerationResult | GenerationPlan:
+    """Build (or resume building) a LongPO dataset in `config.output`; see the module docstring.
+
+    `documents`, `backend` and `tokenizer` override `config.documents`, the engine named by `config.backend` and the
+    tokenizer loaded from `config.tokenizer or config.model` (useful in notebooks and tests). Before any model is
+    loaded the run's plan (`plan_generation`) is printed; a plan with no rows raises `EmptyPlanError` (naming the
+    limiting option and a value that works). With `dry_run` (default: `config.dry_run`) the plan is returned and
+    nothing else happens: no weights, no engine, no output directory.
+    """
+    dry_run = config.dry_run if dry_run is None else dry_run
+    if not dry_run and not config.output:
+        config.validate()
+        raise DataConfigError("No output directory given (--output).")
+    inputs = _prepare(config, documents, backend, tokenizer)
+    out, tokenizer, docs, per_doc, stats = inputs.out, inputs.tokenizer, inputs.docs, inputs.per_doc, inputs.stats
+    native_ctx, long_ctx = inputs.native_ctx, inputs.long_ctx
+    plan = plan_turns(docs, per_doc, config, tokenizer, native_ctx, long_ctx, stats)
+    if config.progress or dry_run:
+        print(plan.format(), flush=True)
+    plan.check()
+    if dry_run:
+        return plan
     settings = {
         **config.hashed_settings(),
         "documents_fingerprint": hashlib.sha256("\n".join(d.id for d in docs).encode()).hexdigest()[:16],
@@ -136,7 +183,6 @@ def generate_dataset(
         work_dir = out / "work"
         engine = LazyBackend(lambda: make_backend(config, tokenizer), backend)
         try:
-            per_doc = make_turns(docs, config, tokenizer, stats)
             run_instructions(per_doc, config, tokenizer, engine, work_dir, native_ctx, stats)
             run_short_answers(per_doc, config, tokenizer, engine, work_dir, native_ctx, stats)
             run_long_answers(per_doc, config, tokenizer, engine, work_dir, long_ctx, stats)

@@ -212,14 +212,22 @@ def run_stage(
     return {t.key: done[t.key] for t in turns}
 
 
-def _answer_failure(record: dict[str, Any], config: GenerationConfig) -> str | None:
+def short_prompt_limit(config: GenerationConfig, native_ctx: int | None) -> int | None:
+    """The most prompt tokens a short (chosen) prompt may have: the native context minus the answer budget."""
+    return config.max_short_prompt_tokens or (native_ctx - config.max_new_tokens if native_ctx else None)
+
+
+def _answer_failure(record: dict[str, Any], config: GenerationConfig, rejected: bool = False) -> str | None:
     if "skipped" in record:
         return record["skipped"]
+    threshold = config.max_repetition_ratio
+    if rejected and config.max_repetition_ratio_rejected is not None:
+        threshold = config.max_repetition_ratio_rejected
     return check_answer(
         record["text"],
         record["finish_reason"],
         min_words=config.min_answer_words,
-        max_repetition_ratio=config.max_repetition_ratio,
+        max_repetition_ratio=threshold,
         refusal_phrases=config.refusal_phrases,
         drop_truncated=config.drop_truncated,
     )
@@ -298,7 +306,7 @@ def run_short_answers(
 ) -> None:
     turns = [t for ts in per_doc for t in ts if t.failure is None]
     stats.set("short_answers (chosen)", "requested", len(turns))
-    max_short = config.max_short_prompt_tokens or (native_ctx - config.max_new_tokens if native_ctx else None)
+    max_short = short_prompt_limit(config, native_ctx)
     records = run_stage(
         "short_answers",
         turns,
@@ -347,7 +355,7 @@ def run_long_answers(
 
     def finish(turn: Turn, record: dict[str, Any]) -> None:
         turn.long = record
-        reason = _answer_failure(record, config)
+        reason = _answer_failure(record, config, rejected=True)
         if reason is None and config.drop_identical and same_answer(turn.short["text"], record["text"]):
             reason = "identical_to_chosen"
         stats.count(stage, reason or "passed")
