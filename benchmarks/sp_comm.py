@@ -65,12 +65,13 @@ class CollectiveCounter:
             return size(args[1]) * (n - 1) / n
         if name == "all_reduce":
             return size(args[0]) * 2 * (n - 1) / n
-        if name == "broadcast":  # the source sends to the n-1 others
-            src = kwargs.get("src", args[1] if len(args) > 1 else None)
-            return size(args[0]) * (n - 1) if dist.get_rank() == src else 0.0
-        if name == "reduce":  # every rank but the destination sends its input
-            dst = kwargs.get("dst", args[1] if len(args) > 1 else None)
-            return 0.0 if dist.get_rank() == dst else size(args[0])
+        if name in ("broadcast", "reduce"):  # broadcast: the source sends to the n-1 others; reduce: all but the root
+            me = dist.get_rank(group) if "group_src" in kwargs or "group_dst" in kwargs else dist.get_rank()
+            root = kwargs.get("group_src", kwargs.get("group_dst", kwargs.get("src", kwargs.get("dst"))))
+            root = args[1] if root is None else root
+            if name == "broadcast":
+                return size(args[0]) * (n - 1) if me == root else 0.0
+            return 0.0 if me == root else size(args[0])
         if name == "batch_isend_irecv":
             return sum(size(op.tensor) for op in args[0] if getattr(op.op, "__name__", "") in ("isend", "send"))
         return size(args[0])  # isend / send
@@ -159,14 +160,39 @@ def count_layouts(job: dict) -> list[dict]:
             for heads in (shape.heads, shape.kv_heads, shape.kv_heads)
         ]
         q, k, v = (t[local].clone().requires_grad_() for t in full)
+        del full
         counter = CollectiveCounter()
+        rss = _peak_start() if job.get("peak") else 0
         with counter.counting():
             out = plan.attend(q, k, v, softmax_scale=shape.head_dim**-0.5, group=group, heads_k_stride=1)
             forward = counter.total()
             out.float().sum().backward()
-        results.append({**layout, "forward": forward, "total": counter.total(), "by_collective": counter.bytes})
+        peak = _peak_kib() - rss if job.get("peak") else 0
+        results.append(
+            {**layout, "forward": forward, "total": counter.total(), "by_collective": counter.bytes, "peak_kib": peak}
+        )
+        del q, k, v, out
         dist.barrier()
     return results
+
+
+def _peak_start() -> int:
+    """Reset the peak resident set (VmHWM) to the current one and return it, in KiB (Linux)."""
+    import gc
+
+    from sp_memory import _malloc_trim, _read_status_kib, _reset_hwm
+
+    gc.collect()
+    _malloc_trim()
+    if not _reset_hwm():
+        raise RuntimeError("--peak needs Linux's /proc/self/clear_refs")
+    return _read_status_kib("VmRSS")
+
+
+def _peak_kib() -> int:
+    from sp_memory import _read_status_kib
+
+    return _read_status_kib("VmHWM")
 
 
 def run_rank(rank: int, world: int, port: int, job: dict) -> list[dict]:
@@ -223,8 +249,11 @@ def layouts_for(sp: int, heads: int) -> list[dict]:
     return out
 
 
-def make_job(sp: int, tokens: int, shape: ModelShape) -> dict:
-    return {"tokens": tokens, "shape": vars(shape), "layouts": layouts_for(sp, shape.heads)}
+def make_job(sp: int, tokens: int, shape: ModelShape, peak: bool = False) -> dict:
+    layouts = layouts_for(sp, shape.heads)
+    if peak:  # the shared prompt's attention buffers: ring (broadcast per owner), Ulysses (local tree)
+        layouts = [x for x in layouts if x["shared"]]
+    return {"tokens": tokens, "shape": vars(shape), "layouts": layouts, "peak": peak}
 
 
 def summarise(job: dict, per_rank: list[list[dict]]) -> list[dict]:
@@ -240,15 +269,16 @@ def summarise(job: dict, per_rank: list[list[dict]]) -> list[dict]:
                 **layout, "sp": sp, "tokens": tokens, "measured": max(ranks[i]["total"] for ranks in per_rank),
                 "forward": max(ranks[i]["forward"] for ranks in per_rank),
                 "formula": formula["ulysses"] + formula["ring"], "by_collective": per_rank[0][i]["by_collective"],
+                "peak_mib": max(ranks[i]["peak_kib"] for ranks in per_rank) / 1024,
             }
         )  # fmt: skip
     return rows
 
 
-def measure(sps: list[int], tokens: int, shape: ModelShape) -> list[dict]:
+def measure(sps: list[int], tokens: int, shape: ModelShape, peak: bool = False) -> list[dict]:
     rows = []
     for sp in sps:
-        job = make_job(sp, tokens, shape)
+        job = make_job(sp, tokens, shape, peak)
         rows += summarise(job, launch(sp, job))
     return rows
 
@@ -279,15 +309,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heads", type=int, default=4)
     parser.add_argument("--kv-heads", type=int, default=2)
     parser.add_argument("--head-dim", type=int, default=32)
+    parser.add_argument(
+        "--peak", action="store_true",
+        help="shared prompt only: also the peak RSS growth per rank during the layer (the transient attention "
+        "buffers; use wide KV and long T, e.g. --tokens 8192 --heads 16 --kv-heads 16 --head-dim 128)",
+    )  # fmt: skip
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args(argv)
     shape = ModelShape("tiny", args.heads * args.head_dim, 1, 1, args.heads, args.kv_heads, args.head_dim, 1)
-    rows = measure([int(x) for x in args.sp.split(",")], args.tokens, shape)
+    rows = measure([int(x) for x in args.sp.split(",")], args.tokens, shape, args.peak)
     print(
         f"# sp_comm: one attention layer, {args.tokens} tokens, {args.heads} query / {args.kv_heads} KV heads of "
         f"{args.head_dim}, bf16, gloo; bytes each rank sends (max over ranks)\n"
     )
     print(table(rows, shape))
+    if args.peak:
+        kv = args.kv_heads * args.head_dim
+        print(
+            "\n| layout | sp | peak RSS growth MiB/rank (one layer, fwd + bwd) | group tokens x KV width x 12 B MiB |"
+        )
+        print("|---|---:|---:|---:|")
+        for r in rows:
+            print(f"| {r['name']} | {r['sp']} | {r['peak_mib']:,.1f} | {r['tokens'] * kv * 12 / (1 << 20):,.1f} |")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
     bad = [r for r in rows if abs(r["measured"] - r["formula"]) > 1e-6 * max(r["formula"], 1)]

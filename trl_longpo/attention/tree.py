@@ -50,15 +50,13 @@ class Tree:
 @dataclass(frozen=True)
 class Block:
     """Queries [q_start, q_start + q_len) attend keys [k_start, k_start + k_len): all of them, or causally (a square
-    block on the diagonal, q_len == k_len). `first`: the first block of its query range (its result is assigned, not
-    merged). Coordinates are rows of the q and k tensors the plan is applied to."""
+    block on the diagonal, q_len == k_len). Coordinates are rows of the q and k tensors the plan is applied to."""
 
     q_start: int
     q_len: int
     k_start: int
     k_len: int
     causal: bool
-    first: bool = True
 
     @property
     def q(self) -> slice:
@@ -82,7 +80,7 @@ def tree_blocks(trees: Sequence[Tree]) -> list[Block]:
             if length:
                 blocks.append(Block(start, length, start, length, causal=True))
                 if tree.trunk:
-                    blocks.append(Block(start, length, offset, tree.trunk, causal=False, first=False))
+                    blocks.append(Block(start, length, offset, tree.trunk, causal=False))
             start += length
         offset += tree.length
     return blocks
@@ -177,7 +175,7 @@ def _real_flash_attn_available() -> bool:
 
 
 def select_backend(device: torch.device) -> str:
-    """"flash" for CUDA tensors when flash-attn imports, "cpu" for CPU tensors; anything else is refused."""
+    """ "flash" for CUDA tensors when flash-attn imports, "cpu" for CPU tensors; anything else is refused."""
     if device.type == "cpu":
         return "cpu"
     if device.type == "cuda" and _real_flash_attn_available():
@@ -191,38 +189,58 @@ def select_backend(device: torch.device) -> str:
 # ----------------------------------------------------------------------------------------------- block attention
 
 
-def _gather(x: torch.Tensor, group) -> torch.Tensor:
-    full = x.new_empty((dist.get_world_size(group) * x.shape[0], *x.shape[1:]))
-    dist.all_gather_into_tensor(full, x.contiguous(), group=group)
-    return full
+def _blocks_by_owner(blocks: Sequence[Block], per_rank: int) -> dict[int, list[Block]]:
+    """Blocks keyed by the rank that owns their keys (rank-major key rows, `per_rank` each), key rows made local to
+    that rank's shard. A block whose keys span several ranks is split (exact: blocks are merged by log-sum-exp)."""
+    owned: dict[int, list[Block]] = {}
+    for b in blocks:
+        start, stop = b.k_start, b.k_start + b.k_len
+        if b.causal and start // per_rank != (stop - 1) // per_rank:
+            raise ValueError(f"causal block {b} crosses a shard boundary ({per_rank} keys per rank)")
+        while start < stop:
+            owner = start // per_rank
+            end = min(stop, (owner + 1) * per_rank)
+            owned.setdefault(owner, []).append(
+                Block(b.q_start, b.q_len, start - owner * per_rank, end - start, b.causal)
+            )
+            start = end
+    return owned
 
 
-def _reduce_scatter(x: torch.Tensor, group) -> torch.Tensor:
-    local = x.new_empty((x.shape[0] // dist.get_world_size(group), *x.shape[1:]))
-    dist.reduce_scatter_tensor(local, x.contiguous(), op=dist.ReduceOp.SUM, group=group)
-    return local
+def _key_shards(k: torch.Tensor, v: torch.Tensor, blocks: Sequence[Block], group):
+    """(owner, its K, its V, the blocks on its keys) one owner at a time: without `group`, the local K/V and all
+    blocks; with it, each SP rank's K/V in turn, broadcast from that rank (one shard's K/V in memory at a time)."""
+    if group is None:
+        yield None, k, v, blocks
+        return
+    owned = _blocks_by_owner(blocks, k.shape[0])
+    me = dist.get_rank(group)
+    for owner in range(dist.get_world_size(group)):
+        kv = torch.stack([k, v]) if owner == me else k.new_empty((2, *k.shape))
+        dist.broadcast(kv, group=group, group_src=owner)
+        yield owner, kv[0], kv[1], owned.get(owner, [])
 
 
 class _BlockAttention(torch.autograd.Function):
-    """Exact attention over a union of blocks. With `group`, k/v are this rank's shard and are all-gathered (rank-major)
-    in forward and again in backward (only the local shard is saved); dk/dv are reduce-scattered back."""
+    """Exact attention over a union of blocks. With `group`, k/v are this rank's shard: every rank's K/V arrive one
+    shard at a time (broadcast from its owner) in forward and again in backward (only the local shard is saved), and
+    each shard's fp32 dK/dV is reduced to its owner before the next shard: no rank holds K/V or dK/dV for the whole
+    group's tokens (per rank: one shard's bf16 K/V and fp32 dK/dV, 12 B per kv value). Same bytes on the wire as an
+    all-gather + reduce-scatter."""
 
     @staticmethod
     def forward(ctx, q, k, v, blocks, scale, backend, group):
-        k_all, v_all = (_gather(k, group), _gather(v, group)) if group is not None else (k, v)
         acc = torch.promote_types(q.dtype, torch.float32)
         out = q.new_zeros(q.shape[:-1] + v.shape[-1:], dtype=acc)
         lse = q.new_full((q.shape[1], q.shape[0]), float("-inf"), dtype=acc)
-        for b in blocks:
-            o_b, l_b = backend.forward(q[b.q], k_all[b.k], v_all[b.k], b.causal, scale)
-            o_b, l_b = o_b.to(acc), l_b.to(acc)
-            if b.first:
-                out[b.q], lse[:, b.q] = o_b, l_b
-                continue
-            old = lse[:, b.q]
-            new = torch.logaddexp(old, l_b)
-            out[b.q] = out[b.q] * (old - new).exp().T.unsqueeze(-1) + o_b * (l_b - new).exp().T.unsqueeze(-1)
-            lse[:, b.q] = new
+        for _, k_o, v_o, owned in _key_shards(k, v, blocks, group):
+            for b in owned:
+                o_b, l_b = backend.forward(q[b.q], k_o[b.k], v_o[b.k], b.causal, scale)
+                o_b, l_b = o_b.to(acc), l_b.to(acc)
+                old = lse[:, b.q]
+                new = torch.logaddexp(old, l_b)  # the first block of a row: old = -inf, new = l_b, out = o_b exactly
+                out[b.q] = out[b.q] * (old - new).exp().T.unsqueeze(-1) + o_b * (l_b - new).exp().T.unsqueeze(-1)
+                lse[:, b.q] = new
         out = out.to(q.dtype)
         lse = lse.float() if acc == torch.float32 else lse
         ctx.save_for_backward(q, k, v, out, lse)
@@ -233,20 +251,23 @@ class _BlockAttention(torch.autograd.Function):
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         group = ctx.group
-        k_all, v_all = (_gather(k, group), _gather(v, group)) if group is not None else (k, v)
         acc = torch.promote_types(q.dtype, torch.float32)
         dout = dout.contiguous()
         dq = torch.zeros_like(q, dtype=acc)
-        dk, dv = torch.zeros_like(k_all, dtype=acc), torch.zeros_like(v_all, dtype=acc)
-        for b in ctx.blocks:
-            gq, gk, gv = ctx.backend.backward(
-                dout[b.q], q[b.q], k_all[b.k], v_all[b.k], out[b.q], lse[:, b.q], b.causal, ctx.scale
-            )
-            dq[b.q] += gq
-            dk[b.k] += gk
-            dv[b.k] += gv
-        if group is not None:
-            dk, dv = _reduce_scatter(dk, group), _reduce_scatter(dv, group)
+        dk = dv = None
+        for owner, k_o, v_o, owned in _key_shards(k, v, ctx.blocks, group):
+            dkv = torch.zeros((2, *k_o.shape), dtype=acc, device=k_o.device)
+            for b in owned:
+                gq, gk, gv = ctx.backend.backward(
+                    dout[b.q], q[b.q], k_o[b.k], v_o[b.k], out[b.q], lse[:, b.q], b.causal, ctx.scale
+                )
+                dq[b.q] += gq
+                dkv[0, b.k] += gk
+                dkv[1, b.k] += gv
+            if owner is not None:
+                dist.reduce(dkv, group=group, group_dst=owner, op=dist.ReduceOp.SUM)
+            if owner is None or owner == dist.get_rank(group):
+                dk, dv = dkv[0], dkv[1]
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None
 
 

@@ -4,13 +4,14 @@ Layout: the packed trees (`trl_longpo.packing`) are cut exactly as `shard_rows` 
   - llama3: the packed sequence is padded at its end (a trailing causal segment) and cut in sp contiguous pieces;
   - zigzag: every tree is padded to a multiple of 2·sp (the padding is a causal segment of its own, so no real token
     sees it) and cut in 2·sp chunks; rank r holds chunks r and 2·sp−1−r (balanced causal work).
-Attention: K/V are all-gathered over the SP group in every layer (the llama3 schedule; only the local shard is saved
-for backward, the gather is repeated there and dK/dV are reduce-scattered back), and each rank runs the tree's blocks
-(`trl_longpo.attention.tree`) restricted to its own queries, with key ranges mapped into the gathered buffer. This is
-one schedule for both layouts: for `ring_attn_impl="zigzag"` the token layout stays zigzag (balanced work), but K/V
-travel by all-gather instead of the P2P ring, because a ring step's key block would cut across branches that only some
-queries may see. Documented, not silent: the log says so, and memory per rank includes one layer's gathered K/V
-(`heads_k_stride` does not apply).
+Attention: every rank's K/V reach every rank of the SP group in every layer, one owner's shard at a time (broadcast;
+the bytes of an all-gather), forward and again in backward (only the local shard is saved), and each shard's dK/dV is
+reduced to its owner before the next (`trl_longpo.attention.tree._BlockAttention`). Each rank runs the tree's blocks
+(`trl_longpo.attention.tree`) restricted to its own queries, key ranges in rank-major key rows (split per owner). This
+is one schedule for both layouts: for `ring_attn_impl="zigzag"` the token layout stays zigzag (balanced work), but K/V
+travel by broadcast instead of the P2P ring, because a ring step's key block would cut across branches that only some
+queries may see. Documented, not silent: the log says so; memory per rank includes one shard's K/V (bf16) and dK/dV
+(fp32) at a time (`heads_k_stride` does not apply).
 """
 
 from __future__ import annotations
@@ -69,11 +70,10 @@ def local_tree_blocks(
                 mine.append((a, b, offset))
             offset += b - a
     local_base = mine[0][2] if mine else 0
-    blocks, seen = [], set()
+    blocks = []
 
     def add(q0: int, qn: int, k0: int, kn: int, causal: bool) -> None:
-        blocks.append(Block(q0, qn, k0, kn, causal, first=(q0, qn) not in seen))
-        seen.add((q0, qn))
+        blocks.append(Block(q0, qn, k0, kn, causal))
 
     for g in tree_blocks(trees):
         for c0, c1, off in mine:
