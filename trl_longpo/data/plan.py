@@ -251,7 +251,7 @@ def _round_up(n: int, to: int = 1024) -> int:
 def diagnose(
     plan: GenerationPlan, config: GenerationConfig, docs: list[Document], turns: list[list[Turn]], stats: RunStats
 ) -> str:
-    """The first stage that loses every request, the option that limits it and a value that works."""
+    """The option that limits the first stage that skips prompts, and a value under which all of them fit."""
     counts, chunks = plan.documents, plan.chunks
     lengths = stats.lengths.get("document_tokens (examined)", [])
     if not counts.get("kept"):
@@ -287,7 +287,7 @@ def diagnose(
         )
     chunk_tokens = {t.key: t.chunk.num_tokens for ts in turns for t in ts}
     for stage in plan.stages:
-        if stage.fit or not stage.requested:
+        if stage.fit == stage.requested:  # the first stage that skips prompts limits the run
             continue
         overhead = max(r["prompt_tokens"] - chunk_tokens[k] for k, r in stage.records.items())
         if stage.context == "long":
@@ -298,7 +298,7 @@ def diagnose(
                 else f"--context_length (unset: the model's native {_fmt(plan.native_context)})"
             )
             return (
-                f"{stage.name}: {current} is shorter than every long prompt plus --max_new_tokens "
+                f"{stage.name}: {current} is shorter than long prompts plus --max_new_tokens "
                 f"{config.max_new_tokens} (the longest needs {need:,}); set --context_length {_round_up(need)}, or "
                 f"lower --max_doc_tokens."
             )
@@ -308,8 +308,8 @@ def diagnose(
             what += f"{config.instruction_max_new_tokens} more"
         elif config.max_short_prompt_tokens:
             return (
-                f"{stage.name}: --max_short_prompt_tokens {config.max_short_prompt_tokens} is below every short "
-                f"prompt (the shortest has {min(r['prompt_tokens'] for r in stage.records.values()):,} tokens); set "
+                f"{stage.name}: --max_short_prompt_tokens {config.max_short_prompt_tokens} is below short "
+                f"prompts (the shortest has {min(r['prompt_tokens'] for r in stage.records.values()):,} tokens); set "
                 f"--max_short_prompt_tokens {stage.longest_prompt} or unset it."
             )
         else:
@@ -323,7 +323,7 @@ def diagnose(
                 f"{what}; lower the new-token budget or set --model_context_length if the config understates it."
             )
         return (
-            f"{stage.name}: --chunk_tokens {config.chunk_tokens} leaves no room in the model's "
+            f"{stage.name}: --chunk_tokens {config.chunk_tokens} is too long for the model's "
             f"{_fmt(plan.native_context)}-token context ({what}); set --chunk_tokens {works} or lower."
         )
     if config.group_turns and config.min_turns > 1:
