@@ -69,13 +69,8 @@ def _model_dir(name: str, tmp_path, tokenizer) -> str:
         max_position_embeddings=facts["max_position_embeddings"],
         rope_theta=facts["rope_theta"],
         sliding_window=None,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         vocab_size=len(tokenizer),
-    ).save_pretrained(path)
+    ).save_pretrained(path)  # the config only: a dry run loads no weights
     tokenizer.chat_template = facts["chat_template"]
     tokenizer.save_pretrained(path)
     return str(path)
