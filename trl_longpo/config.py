@@ -251,6 +251,10 @@ class LongPOConfig(DPOConfig):
             "--documents`). None (default) uses the built-in corpus (CPython's help topics)."
         },
     )
+    retention_documents_text_column: str = field(
+        default="text",
+        metadata={"help": "Column holding the text in a `retention_documents` table (.jsonl/.json/.parquet/.csv)."},
+    )
 
     def __post_init__(self):
         problems = [

@@ -217,7 +217,8 @@ class LongPOTrainer(DPOTrainer):
         if self.aux_loss_enabled:
             raise ValueError(
                 "`share_prompt=True` does not support the MoE router auxiliary loss (it would be computed over the "
-                "packed tokens, with the prompt once, and differ from the unshared loss). Set `share_prompt=False`."
+                "packed tokens, with the prompt once, and differ from the unshared loss). Set `router_aux_loss_coef=0` "
+                "(no auxiliary loss; the shared loss then equals the unshared one exactly), or `share_prompt=False`."
             )
         name = register_ring_attention()
         self._plain_attn_implementation = base_model(self.model).config._attn_implementation
