@@ -94,6 +94,8 @@ class LongPOConfig(DPOConfig):
         retention_documents (`str`, *optional*):
             Haystack documents for the probes (a file or directory, as `trl-longpo generate --documents`); `None`
             uses the built-in corpus (CPython's help topics).
+        retention_documents_text_column (`str`, *optional*, defaults to `"text"`):
+            Column holding the text when `retention_documents` is a table (.jsonl/.json/.parquet/.csv).
 
     > [!NOTE]
     > These parameters have default values different from [`~trl.DPOConfig`], because DPO's are wrong for long
