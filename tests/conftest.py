@@ -37,6 +37,35 @@ def tiny_model():
     return build_tiny_model(seed=0)
 
 
+def wide_tiny_model(seed: int = 0, dtype: torch.dtype = torch.float64, **kwargs) -> torch.nn.Module:
+    """The tiny Mistral with a wider init (0.2 instead of 0.02), fp64 by default: with 0.02 its outputs are nearly
+    uniform and barely depend on positions or context, which would make parity checks (and their negative controls)
+    weak. A plain function, so that the ranks of multi-process tests build it too."""
+    from trl_longpo.tiny import build_tiny_model
+
+    return build_tiny_model(seed=seed, initializer_range=0.2, **kwargs).to(dtype)
+
+
+@pytest.fixture
+def wide_model():
+    return wide_tiny_model()
+
+
+def dense_attention(q, k, v, visible: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one dense attention reference of the tests: textbook softmax attention, independent of every kernel.
+
+    q (Sq, H, D), k/v (Sk, Hk, D) (GQA: kv heads repeated), `visible` (Sq, Sk) bool -> out (Sq, H, D) and lse
+    (H, Sq), with flash-attn's convention for a row without a visible key: out 0, lse +inf. Differentiable.
+    """
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
+    scores = scores.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    out = torch.einsum("hqk,khd->qhd", torch.softmax(scores, dim=-1).nan_to_num(0.0), v)
+    return out, lse.masked_fill(torch.isneginf(lse), float("inf"))
+
+
 def _texts(n: int, start: int = 0, chars: int = 400) -> list[str]:
     from trl_longpo.data.documents import corpus_texts
 

@@ -1,8 +1,6 @@
-"""The pure-PyTorch flash-attn stand-in against a dense fp64 reference, and the installer/loader in a fresh process.
-
-The reference is plain softmax attention written independently of the stand-in (repeat-interleaved GQA heads, an
-explicit bottom-right-aligned mask, autograd for gradients).
-"""
+"""Contract tests of the flash-attn stand-in (flash-attn's signatures over PyTorch's CPU kernels) against the dense
+fp64 reference (`conftest.dense_attention`, autograd for gradients, an explicit bottom-right-aligned mask), and the
+installer/loader in a fresh process."""
 
 from __future__ import annotations
 
@@ -13,6 +11,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import dense_attention
 
 from trl_longpo.attention import flash_attn_cpu as fa
 
@@ -21,11 +20,8 @@ SCALE = 0.37
 
 
 def reference_attention(q, k, v, causal, window=(-1, -1), scale=SCALE):
-    """q (Sq, H, D), k/v (Sk, Hk, D) -> out (Sq, H, D), lse (H, Sq); rows with no visible key: out 0, lse +inf."""
+    """The dense reference with flash-attn's bottom-right-aligned causal / window mask, built here independently."""
     sq, sk = q.shape[0], k.shape[0]
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
     i = torch.arange(sq).unsqueeze(1)
     j = torch.arange(sk).unsqueeze(0)
     visible = torch.ones(sq, sk, dtype=torch.bool)
@@ -34,11 +30,7 @@ def reference_attention(q, k, v, causal, window=(-1, -1), scale=SCALE):
         visible &= j <= i + sk - sq + right
     if window[0] >= 0:
         visible &= j >= i + sk - sq - window[0]
-    scores = scores.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    out = torch.einsum("hqk,khd->qhd", probs, v)
-    return out, lse.masked_fill(torch.isneginf(lse), float("inf"))
+    return dense_attention(q, k, v, visible, scale)
 
 
 def rand(*shape, dtype=F64, seed=0):
@@ -327,19 +319,6 @@ def test_unsupported_features_are_refused():
         fa._flash_attn_forward(q, k, v, 0.0, SCALE, True, -1, -1, 5.0, None, False)
     with pytest.raises(ValueError, match="multiple of key/value heads"):
         fa._flash_attn_forward(rand(1, 4, 3, 8), k, v, 0.0, SCALE, True, -1, -1, 0.0, None, False)
-
-
-def test_large_queries_are_processed_in_chunks(monkeypatch):
-    monkeypatch.setattr(fa, "_MAX_SCORE_ELEMENTS", 64)  # forces 2-row chunks
-    q, k, v = dense_inputs(1, 9, 9, heads=4, kv_heads=2)
-    out, lse, _, _ = fa._flash_attn_forward(q, k, v, 0.0, SCALE, True, -1, -1, 0.0, None, False)
-    ref_out, _ = reference_attention(q[0], k[0], v[0], True)
-    torch.testing.assert_close(out[0], ref_out, rtol=1e-12, atol=1e-12)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dout = rand(*out.shape, seed=10)
-    fa._flash_attn_backward(dout, q, k, v, out, lse, dq, dk, dv, 0.0, SCALE, True, -1, -1, 0.0, None, False)
-    for got, want in zip((dq[0], dk[0], dv[0]), reference_grads(q[0], k[0], v[0], dout[0], True)):
-        torch.testing.assert_close(got, want, **GRAD_TOL)
 
 
 INSTALLER_SCRIPT = textwrap.dedent(

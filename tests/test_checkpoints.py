@@ -121,16 +121,30 @@ def _script(tmp_path, *extra):
     script.main(*parser.parse_args_and_config(args=argv))
 
 
-def test_example_script_resumes_from_the_newest_complete_checkpoint(tmp_path, caplog):
+@pytest.mark.slow
+def test_example_script_trains_saves_and_resumes_from_the_newest_complete_checkpoint(tmp_path, caplog):
+    """`examples/train_mistral.py` on `tiny_cpu.yaml` (its one single-process run in the suite): YAML config, local
+    tiny model loaded by path, train, saved model; then a resume from the newest complete checkpoint."""
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
     _script(tmp_path, "--max_steps", "2")
-    (tmp_path / "run" / "checkpoint-2" / "trainer_state.json").unlink()  # a kill while saving step 2
+    out = tmp_path / "run"
+    assert (tmp_path / "toy.jsonl").exists() and (tmp_path / "tiny" / "config.json").exists()
+    model, initial = (AutoModelForCausalLM.from_pretrained(path) for path in (out, tmp_path / "tiny"))
+    assert model.config.rope_parameters["rope_theta"] == 1e6  # policy_rope_theta from the config is saved
+    assert initial.config.rope_parameters["rope_theta"] != 1e6
+    assert any(not torch.equal(a, b) for a, b in zip(model.parameters(), initial.parameters()))
+    assert "longpo" in (out / "README.md").read_text().lower()  # model card cites LongPO
+
+    (out / "checkpoint-2" / "trainer_state.json").unlink()  # a kill while saving step 2
     hf_logging.enable_propagation()
     with caplog.at_level(logging.INFO):
         _script(tmp_path, "--max_steps", "3", "--resume_from_checkpoint", "True")
-    assert f"Resuming from {tmp_path / 'run' / 'checkpoint-1'}" in caplog.text
-    import json
-
-    state = json.loads((tmp_path / "run" / "checkpoint-3" / "trainer_state.json").read_text())
+    assert f"Resuming from {out / 'checkpoint-1'}" in caplog.text
+    state = json.loads((out / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
 
 

@@ -59,6 +59,7 @@ def _records(output: Path) -> dict[str, dict]:
     return {p.name: StageStore(p).load() for p in sorted((output / "work").glob("*.jsonl"))}
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_equals_uninterrupted_run(tmp_path, model_dir):
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     ref = subprocess.Popen(

@@ -16,6 +16,7 @@ if not hasattr(trl_longpo, "LongPOTrainer"):
     pytest.skip("LongPOTrainer is not available", allow_module_level=True)
 
 
+@pytest.mark.slow
 def test_generated_rows_train_one_step(tmp_path, capsys):
     model_dir = save_tiny_model(tmp_path / "model")
     out = tmp_path / "data"
@@ -88,6 +89,7 @@ def test_generated_rows_train_one_step(tmp_path, capsys):
     assert len(losses) == 1 and losses[0] == losses[0]  # one finite step
 
 
+@pytest.mark.slow
 def test_demo_command(tmp_path, capsys):
     code = main(
         [

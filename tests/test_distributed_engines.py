@@ -1,4 +1,5 @@
-"""FSDP2 and DeepSpeed ZeRO-3 for real: `accelerate launch` with the shipped configs on 2 CPU processes (gloo).
+"""FSDP2 and DeepSpeed ZeRO-3 for real: `accelerate launch` with the shipped configs on 2 CPU processes (gloo); the
+suite's 2-process `examples/train_mistral.py` runs (the sp = 2 run also checks the saved model reloads as usual).
 
 `examples/train_mistral.py` on `tiny_cpu_sp2.yaml` runs two optimizer steps (constant learning rate, gradient
 clipping active) on the same tiny model, rows and seed with the same effective batch of 2 rows: in one process (the
@@ -28,6 +29,7 @@ import pytest
 import torch
 from conftest import ACCELERATE_LAUNCH, ROOT, run_checked, train_script_command
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 CONFIG = "tiny_cpu_sp2.yaml"
 ACCELERATE_CONFIGS = ROOT / "examples" / "accelerate_configs"
@@ -117,6 +119,8 @@ def single_process(workdir):
     return baseline
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("engine", ENGINES)
 def test_engine_on_two_cpu_processes_equals_single_process(workdir, single_process, engine, case):
@@ -141,6 +145,11 @@ def test_engine_on_two_cpu_processes_equals_single_process(workdir, single_proce
     assert params.keys() == base_params.keys()
     for name, value in params.items():
         torch.testing.assert_close(value, base_params[name], rtol=0, atol=PARAM_ATOL, msg=name)
+    if case == "sp2":  # share_prompt (the default) under SP: tree attention over all-gathered K/V, said once per rank
+        assert result.stderr.count("share_prompt=True under sequence parallelism") == 2
+        saved = AutoModelForCausalLM.from_pretrained(workdir / f"{engine}-{case}")
+        assert saved.config._attn_implementation not in ("ring_attention", "tree_attention")  # loads as usual
+        assert torch.isfinite(saved(torch.tensor([[1, 5, 9, 13, 2]])).logits).all()
 
 
 @pytest.mark.parametrize(
@@ -171,8 +180,8 @@ def test_accelerate_configs_parse(name, distributed_type, machines):
 def test_models_found_inside_an_engine_with_its_own_config(tiny_model):
     """A DeepSpeed engine (TRL's ZeRO-3 reference model) has a `config` of its own (a dict) and the model at
     `.module`: the model checks must reach the transformers model (a ZeRO-3 run failed there); without deepspeed."""
+    from trl_longpo.attention import check_attention_model
     from trl_longpo.modeling import base_model
-    from trl_longpo.sequence_parallel import check_model_for_sequence_parallel
 
     class Engine(torch.nn.Module):
         def __init__(self, module):
@@ -181,4 +190,4 @@ def test_models_found_inside_an_engine_with_its_own_config(tiny_model):
 
     engine = Engine(tiny_model)
     assert base_model(engine) is tiny_model
-    check_model_for_sequence_parallel(engine)  # reads the model's heads / sliding window, not the engine's dict
+    check_attention_model(engine)  # reads the model's heads / sliding window, not the engine's dict

@@ -8,7 +8,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import clone, longpo_args, make_rows, perturbed
+from conftest import clone, longpo_args, make_rows, perturbed, wide_tiny_model
 from datasets import Dataset
 
 from trl_longpo import LongPOConfig, LongPOTrainer, RetentionCallback
@@ -24,13 +24,6 @@ from trl_longpo.evaluation.retention import greedy_decode
 from trl_longpo.tokenization import tokenize_prompt
 
 KEYS = ("eval_long/acc@64", "eval_long/acc@128", "eval_short/acc@64", "eval_short/logp_drift", "eval_short/kl")
-
-
-def _model(**kwargs):
-    from trl_longpo.tiny import build_tiny_model
-
-    # fp64 and a wide init: exact comparisons, and outputs that depend on the context
-    return build_tiny_model(initializer_range=0.2, **kwargs).double()
 
 
 def _needle_token_position(tokenizer, probe: RetrievalProbe, needle: str) -> int:
@@ -134,7 +127,7 @@ def _manual_greedy(model, ids: list[int], steps: int) -> list[int]:
 
 
 def test_evaluate_retrieval_matches_an_independent_greedy_loop(tokenizer):
-    model = _model()
+    model = wide_tiny_model()
     probes = build_retrieval_probes(tokenizer, [96, 128], 1, seed=5)
     prompts = [tokenize_prompt(tokenizer, p.prompt) for p in probes]
     expected = [_manual_greedy(model, ids, 6) for ids in prompts]
@@ -184,7 +177,7 @@ def _manual_short_metrics(policy, reference, tokenizer, rows) -> dict[str, float
 
 @pytest.mark.parametrize("conversational", [True, False], ids=["chat", "plain"])
 def test_short_retention_metrics_match_a_manual_computation(tokenizer, conversational):
-    reference = _model()
+    reference = wide_tiny_model()
     policy = perturbed(reference, scale=0.05)
     rows = short_retention_rows(Dataset.from_list(make_rows(5, conversational=conversational)), n=3, seed=1)
     assert len(rows) == 3 and set(rows[0]) == {"short_prompt", "chosen"}
@@ -237,7 +230,7 @@ def _retention_logs(trainer) -> dict[int, dict]:
 
 
 def test_callback_logs_every_metric_at_start_every_n_steps_and_at_the_end(tokenizer, tmp_path):
-    model = _model()
+    model = wide_tiny_model()
     initial = clone(model)
     rows = make_rows(4)
     trainer = LongPOTrainer(
@@ -273,7 +266,7 @@ def test_callback_logs_every_metric_at_start_every_n_steps_and_at_the_end(tokeni
 def test_callback_with_precomputed_reference_scores_the_true_reference(tokenizer, tmp_path):
     """`precompute_ref_log_probs=True` frees the reference before training; short KL and drift must still be measured
     against the initial model, never the policy against itself (issue 19: they read exactly 0 at every step)."""
-    model = _model()
+    model = wide_tiny_model()
     initial = clone(model)
     trainer = LongPOTrainer(
         model=model,
@@ -296,13 +289,15 @@ def test_callback_with_precomputed_reference_scores_the_true_reference(tokenizer
 
 def test_callback_is_off_by_default_and_warns_without_eval_dataset(tokenizer, tmp_path, caplog):
     dataset = Dataset.from_list(make_rows(4))
-    off = LongPOTrainer(model=_model(), args=longpo_args(tmp_path), train_dataset=dataset, processing_class=tokenizer)
+    off = LongPOTrainer(
+        model=wide_tiny_model(), args=longpo_args(tmp_path), train_dataset=dataset, processing_class=tokenizer
+    )
     assert not any(isinstance(c, RetentionCallback) for c in off.callback_handler.callbacks)
     import logging
 
     with caplog.at_level(logging.WARNING):
         LongPOTrainer(
-            model=_model(), args=_retention_args(tmp_path), train_dataset=dataset, processing_class=tokenizer
+            model=wide_tiny_model(), args=_retention_args(tmp_path), train_dataset=dataset, processing_class=tokenizer
         )
     assert "not held out" in caplog.text
 
@@ -328,7 +323,7 @@ def test_probe_lengths_above_the_model_window_are_refused(tokenizer, tmp_path):
     args = _retention_args(tmp_path, retention_probe_lengths=[64, 512])
     with pytest.raises(ValueError, match=r"`retention_probe_lengths` \[512\].*max_position_embeddings \(256\)"):
         LongPOTrainer(
-            model=_model(max_position_embeddings=256),
+            model=wide_tiny_model(max_position_embeddings=256),
             args=args,
             train_dataset=Dataset.from_list(make_rows(4)),
             processing_class=tokenizer,
@@ -343,7 +338,7 @@ def test_callback_with_peft_and_policy_rope_theta_scores_the_trainers_reference(
 
     from trl_longpo.modeling import set_rope_theta
 
-    base = _model()
+    base = wide_tiny_model()
     initial = clone(base)
     trainer = LongPOTrainer(
         model=base,
@@ -396,7 +391,7 @@ def _sp_worker(rank: int, world_size: int, port: int, outdir: str, tokenizer_dir
 
     try:
         trainer = _sp_trainer(
-            _model(),
+            wide_tiny_model(),
             AutoTokenizer.from_pretrained(tokenizer_dir),
             load_from_disk(str(Path(data_dir) / "train")),
             load_from_disk(str(Path(data_dir) / "eval")),
@@ -408,6 +403,7 @@ def _sp_worker(rank: int, world_size: int, port: int, outdir: str, tokenizer_dir
         result = {
             "logs": {str(step): entry for step, entry in _retention_logs(trainer).items()},
             "attn": trainer.model.config._attn_implementation,
+            "split_attn": trainer.scorer.attention_name,
         }
     except Exception:
         result = {"error": traceback.format_exc()}
@@ -415,6 +411,8 @@ def _sp_worker(rank: int, world_size: int, port: int, outdir: str, tokenizer_dir
     dist.destroy_process_group()
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_probes_under_sequence_parallelism_equal_the_unsplit_run(tokenizer, tmp_path):
     """sp=2 (gloo): every rank runs the probes unsplit with plain attention and logs the unsplit trainer's numbers,
     before and after a training step that itself runs with ring attention."""
@@ -425,13 +423,13 @@ def test_probes_under_sequence_parallelism_equal_the_unsplit_run(tokenizer, tmp_
     train.save_to_disk(tmp_path / "data" / "train")
     held_out.save_to_disk(tmp_path / "data" / "eval")
     per_rank = launch(_sp_worker, 2, tmp_path, args=(str(tmp_path / "tok"), str(tmp_path / "data")), timeout=300)
-    unsplit = _sp_trainer(_model(), tokenizer, train, held_out, tmp_path / "unsplit")
+    unsplit = _sp_trainer(wide_tiny_model(), tokenizer, train, held_out, tmp_path / "unsplit")
     unsplit.train()
     want = _retention_logs(unsplit)
     assert sorted(want) == [0, 1]
     for rank, result in enumerate(per_rank):
         assert "error" not in result, f"rank {rank}:\n{result['error']}"
-        assert result["attn"] == "ring_attention"  # switched back after the probes
+        assert result["attn"] == result["split_attn"] == "tree_attention"  # switched back after the probes
         logs = {int(step): entry for step, entry in result["logs"].items()}
         assert sorted(logs) == [0, 1]
         # Step 0: the same model, so the same numbers; step 1: after a ring-attention step, whose gradients match the

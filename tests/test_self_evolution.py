@@ -6,6 +6,8 @@ import math
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "self_evolution_experiment.py"
 
 
@@ -17,6 +19,7 @@ def _load():
     return module
 
 
+@pytest.mark.slow
 def test_every_arm_trains_and_every_metric_is_computed(tmp_path):
     experiment = _load()
     out = tmp_path / "evo"

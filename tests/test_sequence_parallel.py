@@ -1,8 +1,9 @@
-"""Sequence parallelism on CPU: real ring-flash-attn kernels over gloo, on the pure-PyTorch flash-attn stand-in.
+"""Sequence parallelism on CPU: real ring-flash-attn kernels over gloo, on the flash-attn stand-in (PyTorch's CPU
+flash kernels), through the path that trains: `trl_longpo.scoring.RowScorer` and TRL's fused LM head.
 
 Every multi-process check runs inside one of two process groups launched once per module (2 ranks, 4 ranks); each
 rank runs a list of scenarios and reports numbers, which the tests below judge. The reference is the unsplit model
-with eager attention, one row at a time (no padding), in fp64.
+with eager attention and full logits, one row at a time (no padding), in fp64: an independent computation.
 
 Parity is judged as DDP would see it: the SP ranks' gradients are averaged over the whole world (dp x sp ranks) and
 compared with the data-parallel average of the unsplit gradients.
@@ -20,15 +21,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import wide_tiny_model
 from distributed import init_rank, launch, write_result
 
 VOCAB = 1024
 PAD = 2
 ROW_LEN = 24
 FP64_TOL = 1e-5
-# Random init with a larger spread than the usual 0.02: with 0.02 the tiny model's outputs are nearly uniform and
-# barely depend on positions or context, which would make parity checks (and their negative controls) weak.
-INIT_RANGE = 0.2
+INIT_RANGE = 0.2  # the Llama / Qwen2 models below use `conftest.wide_tiny_model`'s wide init
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -57,9 +57,7 @@ def objective(sum_logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor
 
 
 def mistral() -> torch.nn.Module:
-    from trl_longpo.tiny import build_tiny_model
-
-    return build_tiny_model(vocab_size=VOCAB, seed=0, initializer_range=INIT_RANGE).to(torch.float64)
+    return wide_tiny_model(vocab_size=VOCAB)
 
 
 def llama() -> torch.nn.Module:
@@ -153,23 +151,41 @@ def global_rel_err(grads: dict[str, torch.Tensor], ref: dict[str, torch.Tensor])
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def split(base, context, dtype=torch.float64):
+    """A copy of `base` with TRL's fused LM head (as DPOTrainer adds it), switched for `context`, and its scorer."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    from trl_longpo.scoring import RowScorer
+
+    model = copy.deepcopy(base).to(dtype)
+    add_fused_lm_head(model)
+    scorer = RowScorer(share_prompt=False, sp=context, pad_token_id=PAD)
+    context.prepare_model(model, scorer.attention_name)
+    return model, scorer
+
+
+def row_sums(scorer, model, rows) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sums of the label tokens' log-probs and their counts, as the trainer computes them."""
+    ids, labels, mask = rows
+    out = scorer.row_sums(model, ids, mask, [labels != -100])
+    return out.sums[0, 0], out.counts[0]
+
+
 def sp_run(
     base, mesh, impl, rows, heads_k_stride=1, attention_dtype=None, dtype=torch.float64, gradient_checkpointing=False
 ):
-    from trl_longpo.sequence_parallel import SequenceParallelContext, prepare_model_for_sequence_parallel, sp_log_probs
+    from trl_longpo.sequence_parallel import SequenceParallelContext
 
-    model = copy.deepcopy(base).to(dtype)
-    if gradient_checkpointing:  # layers are recomputed in backward: the ring state must still reach them
-        model.train()
-        model.gradient_checkpointing_enable()
     context = SequenceParallelContext(
         mesh, ring_attn_impl=impl, heads_k_stride=heads_k_stride, attention_dtype=attention_dtype
     )
-    prepare_model_for_sequence_parallel(model, context)
-    ids, labels, mask = rows
-    out = sp_log_probs(model, ids, labels, mask, context=context, pad_token_id=PAD)
-    objective(out.sum_logps, out.num_tokens).backward()
-    return out, world_average_grads(model)
+    model, scorer = split(base, context, dtype)
+    if gradient_checkpointing:  # layers are recomputed in backward: the attention state must still reach them
+        model.train()
+        model.gradient_checkpointing_enable()
+    sums, counts = row_sums(scorer, model, rows)
+    objective(sums, counts).backward()
+    return (sums, counts), world_average_grads(model)
 
 
 def parity(
@@ -181,15 +197,17 @@ def parity(
     base = MODELS[model_name]()
     ref_sums, ref_grads = reference_grads(base, mesh.dp_size)
     rows = make_rows(100 + mesh.dp_rank)
-    out, grads = sp_run(base, mesh, impl, rows, heads_k_stride, gradient_checkpointing=gradient_checkpointing)
+    (sums, counts), grads = sp_run(
+        base, mesh, impl, rows, heads_k_stride, gradient_checkpointing=gradient_checkpointing
+    )
     _, ref_counts = reference(base, rows)
     per_param = {n: rel_err(grads[n], ref_grads[n]) for n in ref_grads}
     worst = max(per_param, key=per_param.get)
     return {
-        "sums": out.sum_logps.tolist(),
+        "sums": sums.tolist(),
         "ref_sums": ref_sums[mesh.dp_rank],
-        "sum_err": rel_err(out.sum_logps.detach(), torch.tensor(ref_sums[mesh.dp_rank], dtype=torch.float64)),
-        "counts_match": out.num_tokens.tolist() == ref_counts.tolist(),
+        "sum_err": rel_err(sums.detach(), torch.tensor(ref_sums[mesh.dp_rank], dtype=torch.float64)),
+        "counts_match": counts.tolist() == ref_counts.tolist(),
         "grad_err": per_param[worst],
         "worst_param": worst,
         "num_params": len(per_param),
@@ -208,17 +226,20 @@ def long_rows(seed: int, length: int = 64) -> tuple[torch.Tensor, torch.Tensor, 
 
 
 def token_logps(model, context, rows) -> dict[tuple[int, int], float]:
-    """Per-token log-probs of the sharded forward, gathered over the SP group and keyed by (row, true position)."""
-    from trl.trainer.utils import selective_log_softmax
-
-    shard = context.shard(*rows, pad_token_id=PAD)
+    """Per-token log-probs of the sharded forward through the fused LM head, gathered over the SP group and keyed by
+    (row, true position)."""
+    ids, labels, mask = rows
+    shard = context.shard_rows(ids, [labels != -100], mask, pad_token_id=PAD)
     with torch.no_grad():
-        logits = model(
-            input_ids=shard.input_ids, position_ids=shard.position_ids, ring_attention=context.attention_state(shard)
-        ).logits[0]
-        logps = selective_log_softmax(logits.double(), shard.labels[0].clamp(min=0))
-    keep = shard.labels[0] != -100
-    local = list(zip(shard.row_index[keep].tolist(), shard.position_ids[0][keep].tolist(), logps[keep].tolist()))
+        logps = model(
+            input_ids=shard.input_ids[None],
+            position_ids=shard.position_ids[None],
+            shift_labels=shard.targets[None],
+            fused_lm_head=True,
+            attention_state=context.attention_state(shard.plan),
+        ).log_probs[0]
+    keep = shard.masks[0]
+    local = list(zip(shard.row_index[keep].tolist(), shard.position_ids[keep].tolist(), logps[keep].tolist()))
     gathered = [None] * context.mesh.sp_size
     dist.all_gather_object(gathered, local, group=context.mesh.sp_group)
     return {(row, pos): value for part in gathered for row, pos, value in part}
@@ -245,11 +266,7 @@ def bf16_vs_solo(impl: str) -> dict:
     attention kernel's. Statistics: RMS of per-token log-prob errors (~120 tokens) and the global relative error of
     the world-averaged gradient.
     """
-    from trl_longpo.sequence_parallel import (
-        SequenceParallelContext,
-        init_sequence_parallel_mesh,
-        prepare_model_for_sequence_parallel,
-    )
+    from trl_longpo.sequence_parallel import SequenceParallelContext, init_sequence_parallel_mesh
 
     ring_mesh = init_sequence_parallel_mesh(dist.get_world_size())
     solo_mesh = init_sequence_parallel_mesh(1)
@@ -266,9 +283,8 @@ def bf16_vs_solo(impl: str) -> dict:
         # solo: each rank runs the whole rows alone (an SP group of one, dp = world), so the world-averaged
         # gradient is that full gradient, directly comparable with the reference.
         _, grads = sp_run(base, mesh, impl, rows, attention_dtype=torch.bfloat16, dtype=torch.float32)
-        model = copy.deepcopy(base).to(torch.float32)
         context = SequenceParallelContext(mesh, ring_attn_impl=impl, attention_dtype=torch.bfloat16)
-        prepare_model_for_sequence_parallel(model, context)
+        model, _ = split(base, context, torch.float32)
         tokens = token_logps(model, context, rows)
         assert tokens.keys() == ref_tokens.keys()
         errors = torch.tensor([tokens[k] - ref_tokens[k] for k in ref_tokens], dtype=torch.float64)
@@ -279,37 +295,29 @@ def bf16_vs_solo(impl: str) -> dict:
 
 def negative_local_positions(impl: str) -> dict:
     """Shard correctly but give RoPE the shard-local positions 0..T_local-1: parity must break."""
-    from trl_longpo.sequence_parallel import (
-        SequenceParallelContext,
-        init_sequence_parallel_mesh,
-        prepare_model_for_sequence_parallel,
-        shard_log_probs,
-    )
+    from trl_longpo.sequence_parallel import SequenceParallelContext, init_sequence_parallel_mesh
 
     mesh = init_sequence_parallel_mesh(dist.get_world_size())
     base = mistral()
     ref_sums, _ = reference(base, make_rows(100))
-    model = copy.deepcopy(base)
     context = SequenceParallelContext(mesh, ring_attn_impl=impl)
-    prepare_model_for_sequence_parallel(model, context)
+    model, scorer = split(base, context)
     ids, labels, mask = make_rows(100)
     with torch.no_grad():
-        shard = context.shard(ids, labels, mask, pad_token_id=PAD)
-        good = shard_log_probs(model, shard, context).sum_logps
-        local = torch.arange(shard.input_ids.shape[1]).unsqueeze(0)
-        bad = shard_log_probs(model, dataclasses.replace(shard, position_ids=local), context).sum_logps
+        shard = context.shard_rows(ids, [labels != -100], mask, pad_token_id=PAD)
+        state = context.attention_state(shard.plan)
+        good = scorer.packed_row_sums(model, shard, state, ("log_probs",)).sums[0, 0]
+        local = torch.arange(shard.input_ids.shape[0])
+        bad = scorer.packed_row_sums(model, dataclasses.replace(shard, position_ids=local), state, ("log_probs",))
+        bad = bad.sums[0, 0]
     return {"good_err": rel_err(good, ref_sums.detach()), "bad_err": rel_err(bad, ref_sums.detach())}
 
 
 def negative_different_row() -> dict:
     """The last rank gets a row with one changed token: the checksum must raise, naming it; unchecked, parity
     breaks."""
-    from trl_longpo.sequence_parallel import (
-        SequenceParallelContext,
-        init_sequence_parallel_mesh,
-        prepare_model_for_sequence_parallel,
-        sp_log_probs,
-    )
+    from trl_longpo.scoring import RowScorer
+    from trl_longpo.sequence_parallel import SequenceParallelContext, init_sequence_parallel_mesh
 
     mesh = init_sequence_parallel_mesh(dist.get_world_size())
     base = mistral()
@@ -319,32 +327,25 @@ def negative_different_row() -> dict:
         ids = ids.clone()
         labels = labels.clone()
         ids[0, 12] = labels[0, 12] = 5 + (int(ids[0, 12]) + 1 - 5) % (VOCAB - 5)
-    model = copy.deepcopy(base)
     context = SequenceParallelContext(mesh, ring_attn_impl="zigzag")
-    prepare_model_for_sequence_parallel(model, context)
+    model, scorer = split(base, context)
     result = {}
     try:
         with torch.no_grad():
-            sp_log_probs(model, ids, labels, mask, context=context, pad_token_id=PAD)
+            row_sums(scorer, model, (ids, labels, mask))
         result["checksum_error"] = None
     except RuntimeError as err:
         result["checksum_error"] = str(err)
+    unchecked = RowScorer(share_prompt=False, sp=dataclasses.replace(context, verify_batches=False), pad_token_id=PAD)
     with torch.no_grad():
-        unchecked = sp_log_probs(
-            model, ids, labels, mask, context=dataclasses.replace(context, verify_batches=False), pad_token_id=PAD
-        )
-    result["unchecked_err"] = rel_err(unchecked.sum_logps, ref_sums.detach())
+        sums, _ = row_sums(unchecked, model, (ids, labels, mask))
+    result["unchecked_err"] = rel_err(sums, ref_sums.detach())
     return result
 
 
 def bad_inputs() -> dict:
     """Clear errors for configurations that cannot work; every rank raises before any collective."""
-    from trl_longpo.sequence_parallel import (
-        SequenceParallelContext,
-        init_sequence_parallel_mesh,
-        prepare_model_for_sequence_parallel,
-        shard_log_probs,
-    )
+    from trl_longpo.sequence_parallel import SequenceParallelContext, init_sequence_parallel_mesh
 
     def error_of(fn) -> str | None:
         try:
@@ -358,29 +359,33 @@ def bad_inputs() -> dict:
     ids, labels, mask = make_rows(100)
 
     # heads_k_stride not dividing the kv heads, reaching the attention function itself (prepare would refuse it too).
-    model = mistral()
     context = SequenceParallelContext(mesh, ring_attn_impl="llama3")
-    prepare_model_for_sequence_parallel(model, context)
-    shard = context.shard(ids, labels, mask, pad_token_id=PAD)
-    result["heads_k_stride"] = error_of(
-        lambda: shard_log_probs(model, shard, dataclasses.replace(context, heads_k_stride=3))
-    )
+    model, scorer = split(mistral(), context)
+    shard = context.shard_rows(ids, [labels != -100], mask, pad_token_id=PAD)
+    state = context.attention_state(shard.plan)
+
+    def sums_with(state):
+        with torch.no_grad():
+            return scorer.packed_row_sums(model, shard, state, ("log_probs",)).sums
+
+    result["heads_k_stride"] = error_of(lambda: sums_with(dataclasses.replace(state, heads_k_stride=3)))
 
     # A sliding-window model at the attention function (config changed after prepare), then the explicit override.
     model.config.sliding_window = 8
-    result["sliding_window"] = error_of(lambda: shard_log_probs(model, shard, context))
+    result["sliding_window"] = error_of(lambda: sums_with(state))
     allowed = dataclasses.replace(context, allow_sliding_window=True)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        prepare_model_for_sequence_parallel(model, allowed)
-        with torch.no_grad():
-            sums = shard_log_probs(model, shard, allowed).sum_logps
+        allowed.prepare_model(model, scorer.attention_name)
+        sums = sums_with(allowed.attention_state(shard.plan))
     result["sliding_window_override_warned"] = any("sliding window" in str(w.message) for w in caught)
     result["sliding_window_override_finite"] = bool(torch.isfinite(sums).all())
 
     # No state at all: the attention function must say how to provide one.
     model.config.sliding_window = None
-    result["no_state"] = error_of(lambda: model(input_ids=shard.input_ids, position_ids=shard.position_ids))
+    result["no_state"] = error_of(
+        lambda: model(input_ids=shard.input_ids[None], position_ids=shard.position_ids[None])
+    )
     return result
 
 
@@ -469,11 +474,13 @@ def assert_parity(per_rank: list[dict], dp_size: int) -> None:
         assert per_rank[0]["ref_sums"] != per_rank[-1]["ref_sums"]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("impl", ["zigzag", "llama3"])
 def test_sp2_fp64_parity(world2, impl):
     assert_parity(results_for(world2, f"parity_{impl}"), dp_size=1)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize(
     "name", ["parity_llama_model_zigzag", "parity_qwen2_model_llama3", "parity_zigzag_gradient_checkpointing"]
 )
@@ -481,16 +488,19 @@ def test_sp2_fp64_parity_other_architectures_and_gradient_checkpointing(world2, 
     assert_parity(results_for(world2, name), dp_size=1)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("impl", ["zigzag", "llama3"])
 def test_sp4_fp64_parity(world4, impl):
     assert_parity(results_for(world4, f"sp4_{impl}"), dp_size=1)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("impl", ["zigzag", "llama3"])
 def test_dp2_sp2_fp64_parity(world4, impl):
     assert_parity(results_for(world4, f"dp2_sp2_{impl}"), dp_size=2)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("impl", ["zigzag", "llama3"])
 def test_sp2_bf16_error_within_twice_the_non_ring_error(world2, impl):
     for r in results_for(world2, f"bf16_{impl}"):
@@ -502,6 +512,7 @@ def test_sp2_bf16_error_within_twice_the_non_ring_error(world2, impl):
         assert r["ring_grad_err"] <= 2 * r["solo_grad_err"], r
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("impl", ["zigzag", "llama3"])
 def test_local_position_ids_break_parity(world2, impl):
     for r in results_for(world2, f"local_positions_{impl}"):
@@ -509,6 +520,7 @@ def test_local_position_ids_break_parity(world2, impl):
         assert r["bad_err"] > 1e-3, r
 
 
+@pytest.mark.distributed
 def test_rank_fed_a_different_row_is_caught(world2):
     per_rank = results_for(world2, "different_row")
     for r in per_rank:
@@ -517,13 +529,14 @@ def test_rank_fed_a_different_row_is_caught(world2):
         assert r["unchecked_err"] > 1e-3, "a rank with a different row should break parity"
 
 
+@pytest.mark.distributed
 def test_bad_inputs_give_clear_errors(world2):
     for r in results_for(world2, "bad_inputs"):
         assert "ValueError" in r["world_not_divisible"] and "not divisible" in r["world_not_divisible"]
         assert r["heads_k_stride"] and "ring_heads_k_stride=3" in r["heads_k_stride"], r["heads_k_stride"]
         assert r["sliding_window"] and "sliding-window" in r["sliding_window"], r["sliding_window"]
         assert r["sliding_window_override_warned"] and r["sliding_window_override_finite"]
-        assert r["no_state"] and "RingAttentionState" in r["no_state"], r["no_state"]
+        assert r["no_state"] and "AttentionState" in r["no_state"], r["no_state"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -546,7 +559,10 @@ def test_zigzag_shard_layout_positions_and_shifted_labels():
 
     ids, labels, mask = make_rows(100)
     sp = 2
-    shards = [shard_rows(ids, labels, mask, sp_rank=r, sp_size=sp, impl="zigzag", pad_token_id=PAD) for r in range(sp)]
+    shards = [
+        shard_rows(ids, [labels != -100], mask, sp_rank=r, sp_size=sp, impl="zigzag", pad_token_id=PAD)
+        for r in range(sp)
+    ]
     # Rows of 23 and 17 real tokens are padded to 24 and 20 (multiples of 2*sp), i.e. chunks of 6 and 5 tokens.
     assert shards[0].global_cu_seqlens.tolist() == [0, 24, 44]
     for r, shard in enumerate(shards):
@@ -555,7 +571,7 @@ def test_zigzag_shard_layout_positions_and_shifted_labels():
         for chunk in (6, 5):
             for c in (r, 2 * sp - 1 - r):
                 expected += list(range(c * chunk, (c + 1) * chunk))
-        assert shard.position_ids[0].tolist() == expected
+        assert shard.position_ids.tolist() == expected
         assert shard.plan.cu_seqlens.tolist() == [0, 12, 22]  # local boundaries handed to the zigzag kernel
     # Labels were shifted on the full row: reassembling all shards gives exactly the shifted targets per row.
     for b in range(2):
@@ -565,10 +581,10 @@ def test_zigzag_shard_layout_positions_and_shifted_labels():
         got = {}
         for shard in shards:
             for p, t, row, tok in zip(
-                shard.position_ids[0].tolist(),
-                shard.labels[0].tolist(),
+                shard.position_ids.tolist(),
+                shard.targets.tolist(),
                 shard.row_index.tolist(),
-                shard.input_ids[0].tolist(),
+                shard.input_ids.tolist(),
             ):
                 if row == b:
                     got[p] = t
@@ -583,34 +599,28 @@ def test_shard_rows_refuses_too_long_and_bad_masks():
 
     ids, labels, mask = make_rows(100)
     with pytest.raises(ValueError, match="more than the configured maximum 40"):
-        shard_rows(ids, labels, mask, sp_rank=0, sp_size=2, impl="zigzag", max_length=40)
+        shard_rows(ids, [labels != -100], mask, sp_rank=0, sp_size=2, impl="zigzag", max_length=40)
     holes = mask.clone()
     holes[0, 5] = 0
     with pytest.raises(ValueError, match="contiguous"):
-        shard_rows(ids, labels, holes, sp_rank=0, sp_size=2, impl="zigzag")
+        shard_rows(ids, [labels != -100], holes, sp_rank=0, sp_size=2, impl="zigzag")
     with pytest.raises(ValueError, match="ring_attn_impl must be one of"):
-        shard_rows(ids, labels, mask, sp_rank=0, sp_size=2, impl="stripe")
+        shard_rows(ids, [labels != -100], mask, sp_rank=0, sp_size=2, impl="stripe")
 
 
 def test_prepare_model_refuses_sliding_window_and_bad_heads_stride():
-    from trl_longpo.sequence_parallel import (
-        SequenceParallelContext,
-        SequenceParallelMesh,
-        prepare_model_for_sequence_parallel,
-        shard_log_probs,
-    )
+    from trl_longpo.attention import RING_ATTENTION_NAME
+    from trl_longpo.sequence_parallel import SequenceParallelContext, SequenceParallelMesh
 
     mesh = SequenceParallelMesh(
         sp_size=2, dp_size=1, rank=0, sp_rank=0, dp_rank=0, sp_group=None, dp_group=None, sp_ranks=(0, 1)
     )
     model = mistral()
     with pytest.raises(ValueError, match="ring_heads_k_stride=3 must be a positive divisor .* \\(2\\)"):
-        prepare_model_for_sequence_parallel(model, SequenceParallelContext(mesh, heads_k_stride=3))
+        SequenceParallelContext(mesh, heads_k_stride=3).prepare_model(model, RING_ATTENTION_NAME)
     model.config.sliding_window = 4096  # Mistral's default
     with pytest.raises(ValueError, match="sliding-window attention"):
-        prepare_model_for_sequence_parallel(model, SequenceParallelContext(mesh))
+        SequenceParallelContext(mesh).prepare_model(model, RING_ATTENTION_NAME)
     with pytest.raises(ValueError, match="ring_attn_impl must be one of"):
         SequenceParallelContext(mesh, ring_attn_impl="ring")
-    # A model that was never switched to ring attention is refused before any communication.
-    with pytest.raises(ValueError, match="prepare_model_for_sequence_parallel"):
-        shard_log_probs(mistral(), None, SequenceParallelContext(mesh))
+    assert model.config._attn_implementation != RING_ATTENTION_NAME  # refused before switching

@@ -8,22 +8,17 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import longpo_args, make_rows, make_two_turn_row
+from conftest import longpo_args, make_rows, make_two_turn_row, wide_tiny_model
 from datasets import Dataset
 
 import trl_longpo.attention.tree as tree_module
-import trl_longpo.trainer as trainer_module
+import trl_longpo.scoring as scoring_module
 from trl_longpo import LongPOTrainer
 from trl_longpo.attention.tree import Block
 from trl_longpo.packing import pack_shared_prompts, pair_groups
 from trl_longpo.tiny import build_tiny_model
 
 FP64_REL = 1e-6
-
-
-def _model(dtype=torch.float64):
-    # A larger init spread than 0.02, so outputs depend clearly on context and positions (strong negative controls)
-    return build_tiny_model(seed=0, initializer_range=0.2).to(dtype)
 
 
 def _perturb(model, seed=1):
@@ -38,7 +33,7 @@ def _run(tokenizer, rows, tmp_path, share_prompt, dtype=torch.float64, peft=Fals
     """Loss, logged metrics and parameter gradients of one step on all rows."""
     from peft import LoraConfig
 
-    base = _model(dtype)
+    base = wide_tiny_model(dtype=dtype)
     kwargs = {"peft_config": LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])} if peft else {}
     if not peft and not config.get("precompute_ref_log_probs"):
         kwargs["ref_model"] = copy.deepcopy(base)  # the policy moves away from the reference: non-trivial rewards
@@ -59,7 +54,7 @@ def _run(tokenizer, rows, tmp_path, share_prompt, dtype=torch.float64, peft=Fals
     batch = trainer.data_collator([trainer.train_dataset[i] for i in range(len(rows))])
     trainer.model.train()
     trainer.model.zero_grad()
-    with trainer._packed_attention():
+    with trainer.scorer.step_attention(trainer.model, trainer.ref_model):
         loss = trainer.compute_loss(trainer.model, batch)
         loss.backward()
     metrics = {k: v[-1] for k, v in trainer._metrics["train"].items()}
@@ -152,7 +147,7 @@ def test_negative_controls_break_parity(tokenizer, tmp_path, monkeypatch, broken
     if broken == "rejected_sees_chosen":
         monkeypatch.setattr(tree_module, "tree_blocks", _rejected_sees_chosen)
     else:
-        monkeypatch.setattr(trainer_module, "pack_shared_prompts", _positions_after_chosen)
+        monkeypatch.setattr(scoring_module, "pack_shared_prompts", _positions_after_chosen)
     errors = _compare(_run(tokenizer, rows, tmp_path, True, **config), unshared)
     assert errors["metric logps/rejected"] > 1e-3, errors["metric logps/rejected"]
     assert errors["metric logps/chosen"] <= FP64_REL  # only the rejected branch is broken
@@ -228,7 +223,7 @@ def test_gradient_checkpointing_needs_the_packed_attention_through_backward(toke
     trainer.model.train()
     with pytest.raises(RuntimeError, match="inside `training_step`"):
         trainer.compute_loss(trainer.model, batch)
-    with trainer._packed_attention():  # what `training_step` wraps around forward and backward
+    with trainer.scorer.step_attention(trainer.model):  # what `training_step` wraps around forward and backward
         loss = trainer.compute_loss(trainer.model, batch)
         loss.backward()
     assert torch.isfinite(loss) and trainer.model.model.embed_tokens.weight.grad is not None

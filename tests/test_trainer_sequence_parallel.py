@@ -15,10 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_rows, make_two_turn_row
+from conftest import make_rows, make_two_turn_row, wide_tiny_model
 from datasets import Dataset, load_from_disk
 from distributed import init_rank, launch, write_result
 
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 ROWS_PER_GROUP = 2
 REL_TOL = 1e-5
 # name: (ring implementation, extra LongPOConfig options). Shared prompt (the default) and the two-sequence layout
@@ -53,13 +54,6 @@ def _rows(dp_size: int) -> list[dict]:
         single = make_rows(1, seed=g + 3)[0]
         rows += [dict(single, short_prompt=[single["short_prompt"]]), make_two_turn_row(seed=g)]
     return rows
-
-
-def _model(seed: int = 0):
-    from trl_longpo.tiny import build_tiny_model
-
-    # A wider init than 0.02 so that outputs depend on positions and context (see test_sequence_parallel.py)
-    return build_tiny_model(seed=seed, initializer_range=0.2).double()
 
 
 def _args(tmp, **overrides):
@@ -107,7 +101,7 @@ def _worker(
     for name, (impl, extra) in SCENARIOS.items():
         try:
             trainer = LongPOTrainer(
-                model=_model(),
+                model=wide_tiny_model(),
                 args=_args(Path(outdir) / name, sequence_parallel_size=sp_size, ring_attn_impl=impl, **extra),
                 train_dataset=dataset,
                 processing_class=tokenizer,
@@ -156,7 +150,7 @@ def _unsplit(tokenizer, dp_size: int, tmp_path) -> tuple[list[float], dict, dict
 
     dataset = Dataset.from_list(_rows(dp_size))
     trainer = LongPOTrainer(
-        model=_model(),
+        model=wide_tiny_model(),
         args=_args(tmp_path / "unsplit", share_prompt=False),
         train_dataset=dataset,
         processing_class=tokenizer,

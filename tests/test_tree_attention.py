@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import dense_attention
 
 from trl_longpo.attention.tree import Tree, block_attention, tree_blocks, tree_mask
 
@@ -13,15 +14,6 @@ TREES = (
     Tree(7, (1, 6, 2)),  # three branches, one of a single token
     Tree(5),  # a plain causal segment (SP padding)
 )
-
-
-def dense_reference(q, k, v, mask, scale):
-    """Textbook attention with a boolean (Tq, Tk) mask, per head (kv heads repeated for GQA)."""
-    rep = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-    scores = torch.einsum("qhd,khd->hqk", q, k) * scale
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.einsum("hqk,khd->qhd", scores.softmax(dim=-1), v)
 
 
 def _inputs(total, heads, kv_heads, dim, dtype, seed=0):
@@ -57,7 +49,7 @@ def test_fp64_forward_and_grads_match_dense(backend, heads, kv_heads):
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
     qr, kr, vr = (x.detach().double().requires_grad_() for x in (q, k, v))
-    ref = dense_reference(qr, kr, vr, tree_mask(TREES), 0.3)
+    ref = dense_attention(qr, kr, vr, tree_mask(TREES), 0.3)[0]
     want = torch.autograd.grad(ref, (qr, kr, vr), grad.double())
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)
@@ -70,7 +62,7 @@ def test_bf16_error_is_that_of_a_bf16_kernel():
     total = sum(t.length for t in TREES)
     q, k, v = _inputs(total, 4, 2, 16, torch.bfloat16, seed=1)
     mask = tree_mask(TREES)
-    ref = dense_reference(q.double(), k.double(), v.double(), mask, 0.25)
+    ref = dense_attention(q.double(), k.double(), v.double(), mask, 0.25)[0]
     tree = block_attention(q, k, v, tree_blocks(TREES), scale=0.25, backend="cpu")
     sdpa = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(0, 1), k.repeat_interleave(2, 1).transpose(0, 1), v.repeat_interleave(2, 1).transpose(0, 1),
@@ -86,7 +78,7 @@ def test_negative_control_rejected_seeing_chosen_differs():
     trees = [Tree(6, (4, 4))]
     q, k, v = _inputs(14, 2, 2, 8, torch.float64)
     out = block_attention(q, k, v, tree_blocks(trees), backend="cpu")
-    causal = dense_reference(q, k, v, torch.ones(14, 14, dtype=torch.bool).tril(), 8**-0.5)
+    causal = dense_attention(q, k, v, torch.ones(14, 14, dtype=torch.bool).tril(), 8**-0.5)[0]
     assert (out[10:] - causal[10:]).abs().max() > 1e-3  # rejected rows would see the chosen branch
     torch.testing.assert_close(out[:10], causal[:10])  # trunk and chosen are plainly causal
 

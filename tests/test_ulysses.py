@@ -112,11 +112,13 @@ def ranks(tmp_path_factory):
     return results
 
 
+@pytest.mark.distributed
 def test_all_to_all_moves_tokens_to_heads_and_back(ranks):
     for r in ranks:
         assert r["seq_to_heads"] and r["round_trip"] and r["seq_to_heads_grad"]
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("kv_heads", [2, 1])
 def test_ulysses_attention_equals_unsplit_attention(ranks, kv_heads):
     for r in ranks:
@@ -135,12 +137,14 @@ def test_gqa_replication_and_refusal():
         check_ulysses_degree(28, 4, 6)
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("case", ["rows", "tree"])
 def test_ulysses_plan_runs_the_whole_varlen_or_tree_plan_on_local_heads(ranks, case):
     for r in ranks:
         assert r[f"plan_{case}_max_error"] < 1e-10
 
 
+@pytest.mark.distributed
 def test_counted_bytes_equal_the_planner_formula(ranks):
     """benchmarks/sp_comm.py at sp 2: every layout's counted bytes per rank per layer equal the planner's formula."""
     import sp_comm

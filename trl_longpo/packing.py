@@ -45,25 +45,6 @@ class PackedTrees:
     num_rows: int
 
 
-def packed_row_sums(
-    outputs, fields: Sequence[str], row_index: torch.Tensor, masks: Sequence[torch.Tensor], num_rows: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sums (fields, masks, rows) of the per-token `outputs.<field>` of ONE packed sequence, and the token
-    counts (masks, rows). `row_index[t]` is token t's row (-1 for padding, which every mask excludes). Sums are in
-    `row_sum_dtype`; only log-probs keep their gradient."""
-    from trl_longpo.modeling import row_sum_dtype
-
-    rows = row_index.clamp(min=0)
-    dtype = row_sum_dtype(rows.device)
-    sums = []
-    for name in fields:
-        values = getattr(outputs, name)[0]
-        values = (values if name == "log_probs" else values.detach()).to(dtype)
-        sums.append(torch.stack([values.new_zeros(num_rows).index_add(0, rows, values * m) for m in masks]))
-    counts = torch.stack([rows.new_zeros(num_rows).index_add(0, rows, m.long()) for m in masks])
-    return torch.stack(sums), counts
-
-
 def pair_groups(prompt_lengths: Sequence[int]) -> list[tuple[tuple[int, int], int]]:
     """DPO layout (B chosen rows, then B rejected rows): row b and row B + b share `prompt_lengths[b]` tokens."""
     batch = len(prompt_lengths)

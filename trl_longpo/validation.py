@@ -11,10 +11,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from datasets import IterableDataset
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .tokenization import LongPODataError
+from .tokenization import LongPODataError, row_lengths, tokenize_row
 
 ROLES = ("system", "user", "assistant")
 PROMPT_COLUMNS = ("prompt", "short_prompt")
@@ -188,3 +189,65 @@ def check_pairs(dataset, dataset_name: str, num_proc: int | None = None) -> None
             "trains on them) and their reward accuracy is decided by rounding. Remove them (`trl-longpo generate` "
             "drops such pairs)."
         )
+
+
+def prepare_row(example: dict, index: int, processing_class, eos_token: str) -> dict[str, list]:
+    """Validate the messages, tokenize, and check that policy and reference score the same answer tokens."""
+    validate_row(example, index)
+    tokenized = tokenize_row(example, index, processing_class, eos_token)
+    check_answer_tokens(tokenized, index)
+    return tokenized
+
+
+def enforce_max_length(dataset, args, dataset_name: str):
+    """Rows over `max_length` are an error (default) or dropped with a logged count; never truncated."""
+    max_length = args.max_length
+
+    def too_long(example) -> bool:
+        lengths = row_lengths(example)
+        return max(lengths["long"], lengths["short"]) > max_length
+
+    if isinstance(dataset, IterableDataset):
+        if args.truncation_mode == "drop":
+            logger.warning(f"Rows of the streamed {dataset_name} dataset longer than {max_length} tokens are dropped.")
+            return dataset.filter(lambda ex: not too_long(ex))
+
+        def check(example, index):
+            if too_long(example):
+                raise LongPODataError(
+                    _over_length_message(dataset_name, [(index, row_lengths(example))], 1, max_length)
+                )
+            return example
+
+        return dataset.map(check, with_indices=True)
+
+    lengths = dataset.map(
+        lambda ex: row_lengths(ex),
+        remove_columns=dataset.column_names,
+        num_proc=args.dataset_num_proc,
+        desc=f"Measuring {dataset_name} rows",
+    )
+    over = [
+        (i, {"long": lg, "short": sh})
+        for i, (lg, sh) in enumerate(zip(lengths["long"], lengths["short"]))
+        if max(lg, sh) > max_length
+    ]
+    if not over:
+        return dataset
+    if args.truncation_mode == "error":
+        raise LongPODataError(_over_length_message(dataset_name, over[:5], len(over), max_length))
+    keep = sorted(set(range(len(dataset))) - {i for i, _ in over})
+    logger.warning(
+        f"Dropped {len(over)} of {len(dataset)} rows of the {dataset_name} dataset longer than max_length="
+        f"{max_length} tokens (truncation_mode='drop'); first dropped rows: {[i for i, _ in over[:10]]}."
+    )
+    return dataset.select(keep)
+
+
+def _over_length_message(dataset_name: str, rows: list, total: int, max_length: int) -> str:
+    shown = ", ".join(f"row {i} (long {ln['long']}, short {ln['short']} tokens)" for i, ln in rows)
+    return (
+        f"{total} row(s) of the {dataset_name} dataset exceed max_length={max_length}: {shown}. LongPO never truncates "
+        "a long context silently. Raise `max_length` (or set it to None), or set `truncation_mode='drop'` to drop "
+        "these rows with a logged count."
+    )

@@ -1,50 +1,61 @@
 """Attention backends for trl_longpo, kept in one package.
 
-- `kernels`: makes ring-flash-attn's kernels importable on transformers 5 (without its HF adapter) and on machines
-  without flash-attn (pure-PyTorch stand-in, `flash_attn_cpu`).
-- `ring`: the "ring_attention" transformers attention function and the per-batch `RingAttentionState` it reads.
+- `interface`: the transformers attention function, its per-batch `AttentionState` and the `AttentionPlan` protocol
+  (what a layout implements: `attend` and `compute_dtype`).
+- `ring`: ring plans (ring-flash-attn's zigzag / llama3 varlen kernels) for packed rows split over an SP group.
+- `tree`: tree kernels and plan (shared prompt: several sequences with one prefix, as blocks merged by log-sum-exp).
+- `patching`: registering the function under each layout's name, switching models to it and back, model checks.
+- `kernels`: makes ring-flash-attn's kernels importable on transformers 5 and on machines without flash-attn
+  (`flash_attn_cpu`: flash-attn's signatures over PyTorch's CPU flash kernels).
 
 Importing this package is cheap: nothing is installed into `sys.modules` until `load_ring_flash_attn()` (or the first
 ring-attention forward) runs.
 """
 
+from trl_longpo.attention.interface import AttentionPlan, AttentionState, attention_forward, use_attention_state
 from trl_longpo.attention.kernels import RingKernels, flash_attn_backend, install_flash_attn, load_ring_flash_attn
+from trl_longpo.attention.patching import (
+    RING_ATTENTION_NAME,
+    TREE_ATTENTION_NAME,
+    attention_implementation,
+    check_attention_model,
+    original_attention,
+    register_attention,
+    restore_attention,
+    switch_attention,
+)
 from trl_longpo.attention.ring import (
     DEFAULT_RING_ATTN_IMPL,
-    RING_ATTENTION_NAME,
     RING_ATTN_IMPLS,
     Llama3VarlenPlan,
     LocalVarlenPlan,
-    RingAttentionState,
-    RingPlan,
     ZigzagVarlenPlan,
-    check_heads_k_stride,
     check_ring_attn_impl,
-    check_sliding_window,
     make_varlen_plan,
-    register_ring_attention,
-    ring_attention_forward,
-    use_ring_attention_state,
 )
 
 __all__ = [
     "DEFAULT_RING_ATTN_IMPL",
     "RING_ATTENTION_NAME",
     "RING_ATTN_IMPLS",
+    "TREE_ATTENTION_NAME",
+    "AttentionPlan",
+    "AttentionState",
     "Llama3VarlenPlan",
     "LocalVarlenPlan",
-    "RingAttentionState",
     "RingKernels",
-    "RingPlan",
     "ZigzagVarlenPlan",
-    "check_heads_k_stride",
+    "attention_forward",
+    "attention_implementation",
+    "check_attention_model",
     "check_ring_attn_impl",
-    "check_sliding_window",
     "flash_attn_backend",
     "install_flash_attn",
     "load_ring_flash_attn",
     "make_varlen_plan",
-    "register_ring_attention",
-    "ring_attention_forward",
-    "use_ring_attention_state",
+    "original_attention",
+    "register_attention",
+    "restore_attention",
+    "switch_attention",
+    "use_attention_state",
 ]

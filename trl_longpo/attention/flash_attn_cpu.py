@@ -1,27 +1,24 @@
-"""A pure-PyTorch stand-in for the four private flash-attn 2.8 functions that ring-flash-attn calls.
+"""flash-attn's four private functions that ring-flash-attn calls, on PyTorch's CPU flash-attention kernels.
 
 Why this exists: ring-flash-attn (the ring / zigzag / llama3 sequence-parallel attention we use) is written against
 `flash_attn.flash_attn_interface._flash_attn_{,varlen_}{forward,backward}`, and flash-attn only builds with CUDA.
 With this module registered as `flash_attn` (see `trl_longpo.attention.kernels.install_flash_attn`), the *real*
 ring code runs on CPU over gloo, which makes the whole sequence-parallel path testable and debuggable without a GPU.
-It is a supported debugging backend, not a fast one: it materialises score blocks densely (bounded by query
-chunking) and warns once on first use.
 
-Contract reproduced from flash-attn 2.8.3 (exact signatures; tests check the parameter names):
-- forward returns `(out, softmax_lse, S_dmask, rng_state)`; `softmax_lse` is float32, shaped (B, H, Sq) for the dense
-  functions and (H, total_q) for varlen ones. A query row with no visible key gets `out = 0` and `lse = +inf`.
-- causal masking with Sq != Sk is bottom-right aligned: key j is visible to query i iff j <= i + Sk - Sq (llama3
-  varlen relies on this). Sliding windows use the same alignment.
-- backward recomputes the softmax from the `out` and `softmax_lse` it is GIVEN (ring attention hands every block the
-  globally merged out/lse, so recomputing from local scores would be wrong), and writes into the caller's dq/dk/dv,
-  which may be strided views of larger buffers.
-- GQA natively: k/v may have fewer heads than q (H % Hk == 0); no repeat_kv copy.
+This is a thin adapter: the attention and its gradient are PyTorch's own CPU kernels
+(`aten._scaled_dot_product_flash_attention_for_cpu` and its backward: fp64/fp32/bf16, GQA natively, out + lse, and a
+backward that takes the out/lse it is given). What is written here is only flash-attn's calling convention:
+- signatures of flash-attn 2.8.3 (tests check the parameter names); forward returns `(out, softmax_lse, S_dmask,
+  rng_state)` with `softmax_lse` float32, (B, H, Sq) dense and (H, total_q) varlen;
+- causal masking with Sq != Sk bottom-right aligned (key j visible to query i iff j <= i + Sk - Sq; llama3 varlen
+  relies on it), and sliding windows with the same alignment: the kernel's `is_causal` is top-left aligned, so these
+  cases pass an explicit mask;
+- a query row with no visible key gets `out = 0` and `lse = +inf` (the kernel returns a finite lse there);
+- backward from the GIVEN out/lse (ring attention hands every block the globally merged ones), written into the
+  caller's dq/dk/dv, which may be strided views of larger buffers; varlen runs one kernel call per segment;
 - dropout, softcap, ALiBi, paged KV and returning the softmax matrix are refused with a clear error.
 Also provided: the public `flash_attn_varlen_func` (autograd over the functions above), which trl_longpo uses for an
 SP group of one (attention without a ring).
-
-The math is the textbook attention forward and its gradient (dS = P * (dP - rowsum(dO * O))); nothing here is copied
-from flash-attn, which has no CPU code to reuse.
 """
 
 from __future__ import annotations
@@ -43,13 +40,9 @@ __all__ = [
 ]
 
 SLOW_BACKEND_WARNING = (
-    "attention is running on trl_longpo's pure-PyTorch flash-attn stand-in (flash_attn is not importable): exact, "
-    "but much slower than the CUDA kernels. Use it for debugging and CPU tests only."
+    "attention is running on trl_longpo's CPU flash-attn stand-in (flash_attn is not importable; PyTorch's CPU "
+    "attention kernels): exact, but much slower than the CUDA kernels. Use it for debugging and CPU tests only."
 )
-
-# Query rows are processed in chunks so that one chunk's score block holds at most this many elements. This bounds
-# the stand-in's memory at O(chunk * Sk * H) instead of O(Sq * Sk * H).
-_MAX_SCORE_ELEMENTS = 1 << 24
 
 _warned = False
 _warn_lock = threading.Lock()
@@ -87,134 +80,89 @@ def _check_unsupported(
             raise NotImplementedError(f"the CPU flash-attn stand-in does not implement {name}")
 
 
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    # Like flash-attn, accumulate in fp32; fp64 inputs (tight-tolerance tests) stay fp64.
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _visible(
-    rows: torch.Tensor,
-    sq: int,
-    sk: int,
-    causal: bool,
-    window_left: int,
-    window_right: int,
-) -> Optional[torch.Tensor]:
-    """Boolean (len(rows), sk) mask of visible keys, bottom-right aligned; None when every key is visible."""
+def _mask(sq: int, sk: int, causal: bool, window_left: int, window_right: int, like: torch.Tensor):
+    """Boolean (Sq, Sk) mask of visible keys, bottom-right aligned (key j visible to query i iff
+    i + Sk - Sq - window_left <= j <= i + Sk - Sq + window_right); None when every key is visible."""
     if causal:
         window_right = 0
     if window_left < 0 and window_right < 0:
         return None
-    diag = rows.unsqueeze(1) + (sk - sq)  # the key index aligned with each query row
-    cols = torch.arange(sk, device=rows.device).unsqueeze(0)
-    mask = torch.ones(rows.numel(), sk, dtype=torch.bool, device=rows.device)
+    diag = torch.arange(sq, device=like.device).unsqueeze(1) + (sk - sq)
+    cols = torch.arange(sk, device=like.device).unsqueeze(0)
+    visible = torch.ones(sq, sk, dtype=torch.bool, device=like.device)
     if window_right >= 0:
-        mask &= cols <= diag + window_right
+        visible &= cols <= diag + window_right
     if window_left >= 0:
-        mask &= cols >= diag - window_left
-    return mask
+        visible &= cols >= diag - window_left
+    return visible
 
 
-def _chunk_size(sq: int, sk: int, nheads: int) -> int:
-    return max(1, min(sq, _MAX_SCORE_ELEMENTS // max(1, sk * nheads)))
+def _kernel_args(sq: int, sk: int, causal: bool, window_left: int, window_right: int, like: torch.Tensor):
+    """(is_causal, additive mask or None, rows without a visible key or None) for PyTorch's CPU flash kernel.
+
+    Its `is_causal` is top-left aligned, which equals flash-attn's bottom-right alignment only when Sq == Sk; every
+    other masked case (causal Sq != Sk, sliding windows) gets an explicit additive mask (the kernel then cannot skip
+    masked blocks, a cost only llama3's local-vs-gathered blocks and windows pay). The kernel gives rows with no
+    visible key out 0 and a finite lse; flash-attn's contract is lse = +inf, set by the caller from `empty`.
+    """
+    if causal and sq == sk and window_left < 0:
+        return True, None, None
+    visible = _mask(sq, sk, causal, window_left, window_right, like)
+    if visible is None:
+        return False, None, None
+    additive = torch.zeros(sq, sk, dtype=like.dtype, device=like.device).masked_fill_(~visible, float("-inf"))
+    empty = ~visible.any(dim=1)
+    return False, additive, empty if bool(empty.any()) else None
 
 
-def _segment_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    softmax_scale: float,
-    causal: bool,
-    window_left: int,
-    window_right: int,
-) -> None:
+def _heads_first(x: torch.Tensor) -> torch.Tensor:  # (S, H, D) -> (1, H, S, D), a view
+    return x.transpose(0, 1).unsqueeze(0)
+
+
+def _segment_forward(q, k, v, out, lse, softmax_scale, causal, window_left, window_right) -> None:
     """Attention of one sequence. q (Sq, H, D), k/v (Sk, Hk, D); writes out (Sq, H, Dv) and lse (H, Sq)."""
-    sq, nheads, _ = q.shape
-    sk, nheads_k, _ = k.shape
+    sq, sk = q.shape[0], k.shape[0]
     if sq == 0:
-        return
+        return  # the kernel aborts on empty queries
     if sk == 0:
         out.zero_()
         lse.fill_(float("inf"))
         return
-    groups = nheads // nheads_k
-    cdt = _compute_dtype(q.dtype)
-    # (Hk, G, S, D) views for queries, (Hk, 1, S, D) for keys/values: GQA by broadcasting, not by copying.
-    kh = k.to(cdt).permute(1, 0, 2).unsqueeze(1)
-    vh = v.to(cdt).permute(1, 0, 2).unsqueeze(1)
-    step = _chunk_size(sq, sk, nheads)
-    for start in range(0, sq, step):
-        stop = min(sq, start + step)
-        qh = q[start:stop].to(cdt).reshape(stop - start, nheads_k, groups, -1).permute(1, 2, 0, 3)
-        scores = torch.matmul(qh, kh.transpose(-1, -2)) * softmax_scale  # (Hk, G, b, Sk)
-        mask = _visible(torch.arange(start, stop, device=q.device), sq, sk, causal, window_left, window_right)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        block_lse = torch.logsumexp(scores, dim=-1)  # -inf where a row sees no key
-        empty = torch.isneginf(block_lse)
-        probs = torch.exp(scores - block_lse.masked_fill(empty, 0.0).unsqueeze(-1))  # exp(-inf) = 0 for empty rows
-        block_out = torch.matmul(probs, vh)  # (Hk, G, b, Dv)
-        out[start:stop] = block_out.permute(2, 0, 1, 3).reshape(stop - start, nheads, -1).to(out.dtype)
-        lse[:, start:stop] = block_lse.masked_fill(empty, float("inf")).reshape(nheads, stop - start).to(lse.dtype)
+    is_causal, mask, empty = _kernel_args(sq, sk, causal, window_left, window_right, q)
+    o, log_sum_exp = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        _heads_first(q), _heads_first(k), _heads_first(v), 0.0, is_causal, attn_mask=mask, scale=softmax_scale
+    )
+    out.copy_(o[0].transpose(0, 1))
+    lse.copy_(log_sum_exp[0] if empty is None else log_sum_exp[0].masked_fill(empty, float("inf")))
 
 
 def _segment_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    dq: torch.Tensor,
-    dk: torch.Tensor,
-    dv: torch.Tensor,
-    softmax_delta: torch.Tensor,
-    softmax_scale: float,
-    causal: bool,
-    window_left: int,
-    window_right: int,
+    dout, q, k, v, out, lse, dq, dk, dv, softmax_delta, softmax_scale, causal, window_left, window_right
 ) -> None:
-    """Gradient of one sequence from the given out/lse. Writes dq (Sq, H, D), dk/dv (Sk, Hk, D), delta (H, Sq)."""
-    sq, nheads, head_dim = q.shape
-    sk, nheads_k, _ = k.shape
+    """Gradient of one sequence from the GIVEN out/lse (ring attention passes the merged ones). Writes dq (Sq, H, D),
+    dk/dv (Sk, Hk, D) into the caller's (possibly strided) buffers and delta = rowsum(dO * O) (H, Sq)."""
+    sq, sk = q.shape[0], k.shape[0]
     if sq == 0 or sk == 0:
         dq.zero_()
         dk.zero_()
         dv.zero_()
         softmax_delta.zero_()
         return
-    groups = nheads // nheads_k
-    cdt = _compute_dtype(q.dtype)
-    kh = k.to(cdt).permute(1, 0, 2).unsqueeze(1)  # (Hk, 1, Sk, D)
-    vh = v.to(cdt).permute(1, 0, 2).unsqueeze(1)
-    dk_acc = torch.zeros(nheads_k, sk, head_dim, dtype=cdt, device=q.device)
-    dv_acc = torch.zeros(nheads_k, sk, v.shape[-1], dtype=cdt, device=q.device)
-
-    def heads_first(x: torch.Tensor) -> torch.Tensor:  # (b, H, D) -> (Hk, G, b, D)
-        return x.to(cdt).reshape(x.shape[0], nheads_k, groups, -1).permute(1, 2, 0, 3)
-
-    step = _chunk_size(sq, sk, nheads)
-    for start in range(0, sq, step):
-        stop = min(sq, start + step)
-        qh, doh, oh = heads_first(q[start:stop]), heads_first(dout[start:stop]), heads_first(out[start:stop])
-        row_lse = lse[:, start:stop].to(cdt).reshape(nheads_k, groups, stop - start, 1)
-        scores = torch.matmul(qh, kh.transpose(-1, -2)) * softmax_scale
-        mask = _visible(torch.arange(start, stop, device=q.device), sq, sk, causal, window_left, window_right)
-        if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
-        probs = torch.exp(scores - row_lse)  # the GIVEN lse; +inf (no visible key) gives 0
-        delta = (doh * oh).sum(-1, keepdim=True)  # rowsum(dO * O) with the GIVEN out
-        dscores = probs * (torch.matmul(doh, vh.transpose(-1, -2)) - delta)
-        dq[start:stop] = (
-            (torch.matmul(dscores, kh) * softmax_scale).permute(2, 0, 1, 3).reshape(stop - start, nheads, -1)
-        ).to(dq.dtype)
-        dk_acc += (torch.matmul(dscores.transpose(-1, -2), qh) * softmax_scale).sum(1)
-        dv_acc += torch.matmul(probs.transpose(-1, -2), doh).sum(1)
-        softmax_delta[:, start:stop] = delta.reshape(nheads, stop - start).to(softmax_delta.dtype)
-    dk.copy_(dk_acc.permute(1, 0, 2))
-    dv.copy_(dv_acc.permute(1, 0, 2))
+    is_causal, mask, _ = _kernel_args(sq, sk, causal, window_left, window_right, q)
+    # lse is float32 (flash-attn's contract); the kernel wants it in the inputs' dtype for fp64. A row with lse = +inf
+    # (no visible key) gets zero probabilities, hence zero gradients.
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        *(_heads_first(x) for x in (dout, q, k, v, out)),
+        lse.to(torch.promote_types(q.dtype, torch.float32)).unsqueeze(0),
+        0.0,
+        is_causal,
+        attn_mask=mask,
+        scale=softmax_scale,
+    )
+    for buffer, grad in zip((dq, dk, dv), grads):
+        buffer.copy_(grad[0].transpose(0, 1))
+    delta = (dout.to(torch.float32 if q.dtype != torch.float64 else q.dtype) * out).sum(-1)  # (Sq, H)
+    softmax_delta.copy_(delta.transpose(0, 1))
 
 
 def _check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -246,184 +194,94 @@ def _rng_state(q: torch.Tensor) -> torch.Tensor:
     return torch.zeros((2,), dtype=torch.int64, device=q.device)
 
 
-# --- the four flash-attn 2.8.3 entry points (signatures copied exactly; bodies are ours) ---
+# --- the four flash-attn 2.8.3 entry points (signatures copied exactly; bodies call the segment functions above) ---
+# fmt: off
 
 
 def _flash_attn_forward_impl(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    dropout_p: float,
-    softmax_scale: float,
-    causal: bool,
-    window_size_left: int,
-    window_size_right: int,
-    softcap: float,
-    alibi_slopes: Optional[torch.Tensor],
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float, softmax_scale: float, causal: bool,
+    window_size_left: int, window_size_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
     return_softmax: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _warn_once()
     _check_unsupported(dropout_p, softcap, alibi_slopes, return_softmax)
     _check_heads(q, k, v)
-    batch, sq, nheads, _ = q.shape
     out = torch.empty(*q.shape[:-1], v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.empty(batch, nheads, sq, dtype=torch.float32, device=q.device)
-    for b in range(batch):
+    lse = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+    for b in range(q.shape[0]):
         _segment_forward(q[b], k[b], v[b], out[b], lse[b], softmax_scale, causal, window_size_left, window_size_right)
     return out, lse, _empty_softmax(q), _rng_state(q)
 
 
 def _flash_attn_varlen_forward_impl(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    dropout_p: float,
-    softmax_scale: float,
-    causal: bool,
-    window_size_left: int = -1,
-    window_size_right: int = -1,
-    softcap: float = 0.0,
-    alibi_slopes: Optional[torch.Tensor] = None,
-    return_softmax: bool = False,
-    block_table: Optional[torch.Tensor] = None,
-    leftpad_k: Optional[torch.Tensor] = None,
-    seqused_k: Optional[torch.Tensor] = None,
-    zero_tensors: bool = False,
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, dropout_p: float, softmax_scale: float, causal: bool,
+    window_size_left: int = -1, window_size_right: int = -1, softcap: float = 0.0,
+    alibi_slopes: Optional[torch.Tensor] = None, return_softmax: bool = False,
+    block_table: Optional[torch.Tensor] = None, leftpad_k: Optional[torch.Tensor] = None,
+    seqused_k: Optional[torch.Tensor] = None, zero_tensors: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _warn_once()
     _check_unsupported(
-        dropout_p,
-        softcap,
-        alibi_slopes,
-        return_softmax,
-        block_table=block_table,
-        leftpad_k=leftpad_k,
+        dropout_p, softcap, alibi_slopes, return_softmax, block_table=block_table, leftpad_k=leftpad_k,
         seqused_k=seqused_k,
     )
     _check_heads(q, k, v)
-    total_q, nheads, _ = q.shape
-    out = torch.zeros(total_q, nheads, v.shape[-1], dtype=q.dtype, device=q.device)
-    lse = torch.full((nheads, total_q), float("inf"), dtype=torch.float32, device=q.device)
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), dtype=torch.float32, device=q.device)
     for (q0, q1), (k0, k1) in _segments(cu_seqlens_q, cu_seqlens_k):
         _segment_forward(
-            q[q0:q1],
-            k[k0:k1],
-            v[k0:k1],
-            out[q0:q1],
-            lse[:, q0:q1],
-            softmax_scale,
-            causal,
-            window_size_left,
+            q[q0:q1], k[k0:k1], v[k0:k1], out[q0:q1], lse[:, q0:q1], softmax_scale, causal, window_size_left,
             window_size_right,
         )
     return out, lse, _empty_softmax(q), _rng_state(q)
 
 
 def _flash_attn_backward_impl(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    softmax_lse: torch.Tensor,
-    dq: Optional[torch.Tensor],
-    dk: Optional[torch.Tensor],
-    dv: Optional[torch.Tensor],
-    dropout_p: float,
-    softmax_scale: float,
-    causal: bool,
-    window_size_left: int,
-    window_size_right: int,
-    softcap: float,
-    alibi_slopes: Optional[torch.Tensor],
-    deterministic: bool,
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    softmax_lse: torch.Tensor, dq: Optional[torch.Tensor], dk: Optional[torch.Tensor], dv: Optional[torch.Tensor],
+    dropout_p: float, softmax_scale: float, causal: bool, window_size_left: int, window_size_right: int,
+    softcap: float, alibi_slopes: Optional[torch.Tensor], deterministic: bool,
     rng_state: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     _warn_once()
     _check_unsupported(dropout_p, softcap, alibi_slopes)
     _check_heads(q, k, v)
     dq, dk, dv = _grad_buffer(dq, q), _grad_buffer(dk, k), _grad_buffer(dv, v)
-    batch, sq, nheads, _ = q.shape
-    delta = torch.empty(batch, nheads, sq, dtype=torch.float32, device=q.device)
-    for b in range(batch):
+    delta = torch.empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32, device=q.device)
+    for b in range(q.shape[0]):
         _segment_backward(
-            dout[b],
-            q[b],
-            k[b],
-            v[b],
-            out[b],
-            softmax_lse[b],
-            dq[b],
-            dk[b],
-            dv[b],
-            delta[b],
-            softmax_scale,
-            causal,
-            window_size_left,
-            window_size_right,
+            dout[b], q[b], k[b], v[b], out[b], softmax_lse[b], dq[b], dk[b], dv[b], delta[b], softmax_scale, causal,
+            window_size_left, window_size_right,
         )
     return delta
 
 
 def _flash_attn_varlen_backward_impl(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    softmax_lse: torch.Tensor,
-    dq: Optional[torch.Tensor],
-    dk: Optional[torch.Tensor],
-    dv: Optional[torch.Tensor],
-    cu_seqlens_q: torch.Tensor,
-    cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    dropout_p: float,
-    softmax_scale: float,
-    causal: bool,
-    window_size_left: int,
-    window_size_right: int,
-    softcap: float,
-    alibi_slopes: Optional[torch.Tensor],
-    deterministic: bool,
-    rng_state: Optional[torch.Tensor] = None,
-    zero_tensors: bool = False,
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+    softmax_lse: torch.Tensor, dq: Optional[torch.Tensor], dk: Optional[torch.Tensor], dv: Optional[torch.Tensor],
+    cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
+    dropout_p: float, softmax_scale: float, causal: bool, window_size_left: int, window_size_right: int,
+    softcap: float, alibi_slopes: Optional[torch.Tensor], deterministic: bool,
+    rng_state: Optional[torch.Tensor] = None, zero_tensors: bool = False,
 ) -> torch.Tensor:
     _warn_once()
     _check_unsupported(dropout_p, softcap, alibi_slopes)
     _check_heads(q, k, v)
     dq, dk, dv = _grad_buffer(dq, q), _grad_buffer(dk, k), _grad_buffer(dv, v)
     # Tokens outside every segment get zero gradient (flash-attn leaves them untouched; zero is the safe choice).
-    dq.zero_()
-    dk.zero_()
-    dv.zero_()
-    nheads = q.shape[1]
-    delta = torch.zeros(nheads, q.shape[0], dtype=torch.float32, device=q.device)
+    for buffer in (dq, dk, dv):
+        buffer.zero_()
+    delta = torch.zeros(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
     for (q0, q1), (k0, k1) in _segments(cu_seqlens_q, cu_seqlens_k):
         _segment_backward(
-            dout[q0:q1],
-            q[q0:q1],
-            k[k0:k1],
-            v[k0:k1],
-            out[q0:q1],
-            softmax_lse[:, q0:q1],
-            dq[q0:q1],
-            dk[k0:k1],
-            dv[k0:k1],
-            delta[:, q0:q1],
-            softmax_scale,
-            causal,
-            window_size_left,
-            window_size_right,
+            dout[q0:q1], q[q0:q1], k[k0:k1], v[k0:k1], out[q0:q1], softmax_lse[:, q0:q1], dq[q0:q1], dk[k0:k1],
+            dv[k0:k1], delta[:, q0:q1], softmax_scale, causal, window_size_left, window_size_right,
         )
     return delta
 
 
+# fmt: on
 def _as_custom_op(name: str, fn, mutates_args: tuple[str, ...]):
     """Wrap like flash-attn 2.8 does (torch.library.custom_op), so ring-flash-attn's default-argument introspection
     takes the same `_init_fn` path it takes with the real kernels, and torch.compile treats the calls as opaque ops."""
@@ -441,73 +299,25 @@ _flash_attn_varlen_backward = _as_custom_op(
 class _VarlenAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal, window):
-        out, lse, _, _ = _flash_attn_varlen_forward(
-            q,
-            k,
-            v,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            max_seqlen_q,
-            max_seqlen_k,
-            0.0,
-            softmax_scale,
-            causal,
-            window[0],
-            window[1],
-        )
-        ctx.save_for_backward(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k)
-        ctx.args = (max_seqlen_q, max_seqlen_k, softmax_scale, causal, window)
+        args = (cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, 0.0, softmax_scale, causal, *window)
+        out, lse, _, _ = _flash_attn_varlen_forward(q, k, v, *args)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.args = args
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k = ctx.saved_tensors
-        max_seqlen_q, max_seqlen_k, softmax_scale, causal, window = ctx.args
+        q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-        _flash_attn_varlen_backward(
-            dout,
-            q,
-            k,
-            v,
-            out,
-            lse,
-            dq,
-            dk,
-            dv,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            max_seqlen_q,
-            max_seqlen_k,
-            0.0,
-            softmax_scale,
-            causal,
-            window[0],
-            window[1],
-            0.0,
-            None,
-            False,
-        )
+        _flash_attn_varlen_backward(dout, q, k, v, out, lse, dq, dk, dv, *ctx.args, 0.0, None, False)
         return dq, dk, dv, None, None, None, None, None, None, None
 
 
 def flash_attn_varlen_func(
-    q,
-    k,
-    v,
-    cu_seqlens_q,
-    cu_seqlens_k,
-    max_seqlen_q,
-    max_seqlen_k,
-    dropout_p=0.0,
-    softmax_scale=None,
-    causal=False,
-    window_size=(-1, -1),
-    softcap=0.0,
-    alibi_slopes=None,
-    deterministic=False,
-    return_attn_probs=False,
+    q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None, causal=False,
+    window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False, return_attn_probs=False,
     block_table=None,
-):
+):  # fmt: skip
     """flash-attn 2.8.3's public varlen attention (same signature), differentiable; see the module notes."""
     _check_unsupported(dropout_p, softcap, alibi_slopes, return_attn_probs, block_table=block_table)
     if softmax_scale is None:

@@ -1,40 +1,19 @@
-"""Ring attention as a transformers-5 attention function, driven by per-batch state set by the caller.
+"""Ring attention plans: packed rows of causal segments split over an SP group, run by ring-flash-attn's kernels.
 
-How it plugs in: `register_ring_attention()` registers `ring_attention_forward` with
-`transformers.AttentionInterface` under the name "ring_attention" (a name containing "flash" would make transformers
-look for a flash kernel and fail), and models select it with `attn_implementation="ring_attention"`. For a name not
-registered in `AttentionMaskInterface` transformers builds no mask and passes `attention_mask=None`: sequence
-boundaries come from the packing plan below, never from a mask (which would be Sq x Sk per rank anyway).
-
-Per-batch state: the attention function is called once per layer with nothing but q/k/v, so everything that depends
-on the batch and on the process layout lives in a `RingAttentionState` that the caller supplies around the forward:
-  - as a keyword argument, `model(..., ring_attention=state)` (transformers 5 forwards extra model kwargs down to the
-    attention function). This is the preferred way: the state is captured with the layer inputs, so it is still
-    there when gradient checkpointing recomputes a layer during backward;
-  - or with `with use_ring_attention_state(state): model(...)` (a context variable), for callers that cannot add
-    kwargs. It does NOT survive gradient-checkpoint recomputation, which runs after the block has exited.
-
-The seam for other layouts: the state carries a `plan`, any object implementing `RingPlan.attend(q, k, v, ...)`.
-`ZigzagVarlenPlan` and `Llama3VarlenPlan` handle packed rows of independent causal segments; tree-shaped batches
-(one prompt shared by two answers) use `trl_longpo.attention.tree.TreeAttentionPlan` (block kernels merged by
-log-sum-exp, also without SP: `group=None`). A plan with a `compute_dtype(dtype, device)` method picks its own dtype.
+Each plan implements `trl_longpo.attention.interface.AttentionPlan` for one batch on one rank: `make_varlen_plan`
+builds it from the GLOBAL segment boundaries (`trl_longpo.sequence_parallel.sharding` cuts the matching shard).
+`ZigzagVarlenPlan` and `Llama3VarlenPlan` call ring-flash-attn; `LocalVarlenPlan` is an SP group of one.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Literal, Protocol, runtime_checkable
+from typing import Literal
 
 import torch
-import torch.distributed as dist
 
 from trl_longpo.attention.kernels import load_ring_flash_attn
 
-RING_ATTENTION_NAME = "ring_attention"
 RingAttnImpl = Literal["zigzag", "llama3"]
 RING_ATTN_IMPLS: tuple[str, ...] = ("zigzag", "llama3")
 DEFAULT_RING_ATTN_IMPL: RingAttnImpl = "zigzag"
@@ -49,19 +28,15 @@ one correct in fp32 on ring-flash-attn 0.1.8) or when rows pack many short segme
 """
 
 
-@runtime_checkable
-class RingPlan(Protocol):
-    """Kernel arguments for one batch on one rank; built once per batch, used by every layer."""
-
-    impl: str
-    num_local_tokens: int
-    needs_half_precision: bool  # True when the kernel's fp32 backward is wrong and fp32 inputs must be downcast
-
-    def attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, softmax_scale: float, group, heads_k_stride: int
-    ) -> torch.Tensor:
-        """q (T, H, D), k/v (T, Hk, D) for this rank's T local tokens -> attention output (T, H, D)."""
-        ...
+def _ring_compute_dtype(dtype: torch.dtype, needs_half_precision: bool) -> torch.dtype:
+    """bf16/fp16 stay; fp32 becomes bf16 where it must (real flash-attn has no fp32 kernels; ring-flash-attn 0.1.8's
+    zigzag backward is wrong in fp32) and stays fp32 otherwise on the CPU stand-in; fp64 (tests) stays fp64."""
+    real_flash_attn = load_ring_flash_attn().backend == "flash_attn"
+    if dtype == torch.float32 and (real_flash_attn or needs_half_precision):
+        dtype = torch.bfloat16
+    if real_flash_attn and dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"flash-attn kernels support only bf16/fp16, not {dtype}; fp64 runs need the CPU stand-in")
+    return dtype
 
 
 @dataclass(frozen=True)
@@ -75,7 +50,9 @@ class ZigzagVarlenPlan:
     max_seqlen: int
     num_local_tokens: int  # a plain int, so the per-layer shape check needs no device sync
     impl: str = field(default="zigzag", init=False)
-    needs_half_precision: bool = field(default=True, init=False)  # ring-flash-attn 0.1.8 fp32 backward bug
+
+    def compute_dtype(self, dtype, device):
+        return _ring_compute_dtype(dtype, needs_half_precision=True)  # ring-flash-attn 0.1.8 fp32 backward bug
 
     def attend(self, q, k, v, *, softmax_scale, group, heads_k_stride):
         kernels = load_ring_flash_attn()
@@ -104,7 +81,9 @@ class Llama3VarlenPlan:
     local_k_slice: slice
     num_local_tokens: int
     impl: str = field(default="llama3", init=False)
-    needs_half_precision: bool = field(default=False, init=False)
+
+    def compute_dtype(self, dtype, device):
+        return _ring_compute_dtype(dtype, needs_half_precision=False)
 
     def attend(self, q, k, v, *, softmax_scale, group, heads_k_stride):
         kernels = load_ring_flash_attn()
@@ -134,7 +113,9 @@ class LocalVarlenPlan:
     max_seqlen: int
     num_local_tokens: int
     impl: str = field(default="local", init=False)
-    needs_half_precision: bool = field(default=False, init=False)
+
+    def compute_dtype(self, dtype, device):
+        return _ring_compute_dtype(dtype, needs_half_precision=False)
 
     def attend(self, q, k, v, *, softmax_scale, group, heads_k_stride):
         kernels = load_ring_flash_attn()
@@ -190,148 +171,6 @@ def make_varlen_plan(
     )
 
 
-@dataclass(frozen=True)
-class RingAttentionState:
-    """Everything the attention function needs for one forward: the SP group, the batch's plan, and options.
-
-    `attention_dtype`: the dtype q/k/v are cast to for the kernels (output cast back). None (default) = automatic:
-    bf16/fp16 stay as they are; fp32 becomes bf16 where it must (real flash-attn has no fp32 kernels, and
-    ring-flash-attn 0.1.8's zigzag backward is wrong in fp32), and stays fp32 for llama3 on the CPU stand-in; fp64
-    (tight-tolerance tests on the stand-in) stays fp64.
-    """
-
-    group: dist.ProcessGroup | None
-    plan: RingPlan
-    heads_k_stride: int = 1
-    allow_sliding_window: bool = False
-    attention_dtype: torch.dtype | None = None
-
-
-_current_state: contextvars.ContextVar[RingAttentionState | None] = contextvars.ContextVar(
-    "trl_longpo_ring_attention_state", default=None
-)
-
-
-@contextlib.contextmanager
-def use_ring_attention_state(state: RingAttentionState) -> Iterator[RingAttentionState]:
-    """Make `state` the ring-attention state for forwards run inside the block (not for checkpoint recomputation)."""
-    token = _current_state.set(state)
-    try:
-        yield state
-    finally:
-        _current_state.reset(token)
-
-
 def check_ring_attn_impl(impl: str) -> None:
     if impl not in RING_ATTN_IMPLS:
         raise ValueError(f"ring_attn_impl must be one of {RING_ATTN_IMPLS}, got {impl!r}")
-
-
-def check_heads_k_stride(num_key_value_heads: int, heads_k_stride: int) -> None:
-    if heads_k_stride < 1 or num_key_value_heads % heads_k_stride:
-        raise ValueError(
-            f"ring_heads_k_stride={heads_k_stride} must be a positive divisor of the model's number of key/value "
-            f"heads ({num_key_value_heads})"
-        )
-
-
-_warned_sliding_window = False
-
-
-def check_sliding_window(sliding_window: int | None, allow: bool) -> None:
-    """Ring kernels do not apply windows across blocks: refuse, or (explicit override) warn that it is ignored."""
-    global _warned_sliding_window
-    if sliding_window is None:
-        return
-    if not allow:
-        raise ValueError(
-            f"the model uses sliding-window attention (sliding_window={sliding_window}), which ring attention does "
-            "not implement across sequence-parallel blocks. Set config.sliding_window=None (full attention), or pass "
-            "allow_sliding_window=True (LongPOConfig: ring_ignore_sliding_window=True) to run full attention anyway."
-        )
-    if not _warned_sliding_window:
-        _warned_sliding_window = True
-        warnings.warn(
-            f"ring attention ignores the model's sliding window ({sliding_window}) and attends over the full causal "
-            "context (allow_sliding_window=True)",
-            UserWarning,
-            stacklevel=3,
-        )
-
-
-def _compute_dtype(dtype: torch.dtype, state: RingAttentionState, real_flash_attn: bool) -> torch.dtype:
-    if state.attention_dtype is not None:
-        dtype = state.attention_dtype
-    elif dtype == torch.float32 and (real_flash_attn or state.plan.needs_half_precision):
-        dtype = torch.bfloat16
-    if real_flash_attn and dtype not in (torch.bfloat16, torch.float16):
-        raise TypeError(f"flash-attn kernels support only bf16/fp16, not {dtype}; fp64 runs need the CPU stand-in")
-    return dtype
-
-
-def ring_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    dropout: float = 0.0,
-    scaling: float | None = None,
-    sliding_window: int | None = None,
-    softcap: float | None = None,
-    ring_attention: RingAttentionState | None = None,
-    **kwargs,
-) -> tuple[torch.Tensor, None]:
-    """transformers-5 attention function: q (B, H, S, D), k/v (B, Hk, S, D) local shards -> ((B, S, H, D), None)."""
-    state = ring_attention if ring_attention is not None else _current_state.get()
-    if state is None:
-        raise RuntimeError(
-            f"attn_implementation={RING_ATTENTION_NAME!r} needs a RingAttentionState: pass model(..., "
-            "ring_attention=state) or run the forward inside `use_ring_attention_state(state)` "
-            "(trl_longpo.sequence_parallel.sp_log_probs does this)"
-        )
-    if dropout and dropout > 0:
-        raise ValueError(f"ring attention does not support attention dropout ({dropout}); set attention_dropout=0")
-    if softcap:
-        raise ValueError(f"ring attention does not support attention logit softcapping (softcap={softcap})")
-    if attention_mask is not None:
-        raise ValueError(
-            "ring attention got an attention mask; sequence boundaries must come from the packing plan (cu_seqlens), "
-            "not from masks"
-        )
-    if kwargs.get("is_causal", getattr(module, "is_causal", True)) is False:
-        raise ValueError("ring attention implements causal (decoder) attention only")
-    check_sliding_window(sliding_window, state.allow_sliding_window)
-    batch, nheads, seqlen, head_dim = query.shape
-    nheads_k = key.shape[1]
-    check_heads_k_stride(nheads_k, state.heads_k_stride)
-    if batch * seqlen != state.plan.num_local_tokens:
-        raise ValueError(
-            f"ring attention plan covers {state.plan.num_local_tokens} local tokens but the forward has "
-            f"{batch}x{seqlen}; build the plan from the same sharded batch"
-        )
-    if hasattr(state.plan, "compute_dtype"):  # plans with their own kernels (tree attention)
-        dtype = state.attention_dtype or state.plan.compute_dtype(query.dtype, query.device)
-    else:
-        dtype = _compute_dtype(query.dtype, state, load_ring_flash_attn().backend == "flash_attn")
-    # (B, H, S, D) -> (B*S, H, D): the varlen kernels see the batch as one packed sequence described by the plan.
-    q, k, v = (x.transpose(1, 2).reshape(batch * seqlen, x.shape[1], -1).to(dtype) for x in (query, key, value))
-    out = state.plan.attend(
-        q,
-        k,
-        v,
-        softmax_scale=scaling if scaling is not None else head_dim**-0.5,
-        group=state.group,
-        heads_k_stride=state.heads_k_stride,
-    )
-    return out.reshape(batch, seqlen, nheads, -1).to(query.dtype), None
-
-
-def register_ring_attention(name: str = RING_ATTENTION_NAME) -> str:
-    """Register `ring_attention_forward` with transformers under `name` (idempotent) and return the name."""
-    from transformers import AttentionInterface
-
-    if "flash" in name:
-        raise ValueError(f"attention implementation name {name!r} must not contain 'flash' (transformers reserves it)")
-    AttentionInterface.register(name, ring_attention_forward)
-    return name

@@ -17,17 +17,16 @@ Backends (chosen per call by `select_backend`):
     flash-attn imports. On CPU the same code runs on trl_longpo's flash-attn stand-in (tests).
 The dense boolean mask (`tree_mask`) is the reference in tests only; training never builds an L x L mask.
 
-Plans plug into the existing seam (`trl_longpo.attention.ring`): `TreeAttentionPlan` implements `RingPlan.attend`,
-so a model switched to the "ring_attention" implementation and given `ring_attention=RingAttentionState(plan=...)`
+`TreeAttentionPlan` implements `trl_longpo.attention.interface.AttentionPlan`: a model switched to the
+"tree_attention" implementation (`trl_longpo.attention.patching`) and given `attention_state=AttentionState(plan=...)`
 runs tree attention; under sequence parallelism the plan also all-gathers K/V over the SP group
 (`trl_longpo.sequence_parallel.tree`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -289,7 +288,7 @@ def block_attention(
 
 @dataclass(frozen=True)
 class TreeAttentionPlan:
-    """A `RingPlan` for packed trees: `blocks` in (local query row, key row) coordinates. With `gather_group` set
+    """An `AttentionPlan` for packed trees: `blocks` in (local query row, key row) coordinates. With `gather_group` set
     (sequence parallelism) key rows index the rank-major all-gather of every rank's local tokens."""
 
     blocks: tuple[Block, ...]
@@ -297,7 +296,6 @@ class TreeAttentionPlan:
     gather_group: dist.ProcessGroup | None = None
     backend: str | None = None  # None: `select_backend` for the tensors' device
     impl: str = field(default="tree", init=False)
-    needs_half_precision: bool = field(default=False, init=False)
 
     def compute_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
         if (self.backend or select_backend(device)) == "flash" and dtype == torch.float32:
@@ -313,21 +311,3 @@ class TreeAttentionPlan:
 def plan_for_trees(trees: Sequence[Tree], backend: str | None = None) -> TreeAttentionPlan:
     """The unsplit plan of packed trees (one device)."""
     return TreeAttentionPlan(tuple(tree_blocks(trees)), sum(t.length for t in trees), backend=backend)
-
-
-@contextlib.contextmanager
-def attn_implementation(model: torch.nn.Module, name: str) -> Iterator[None]:
-    """Run `model` with attention implementation `name` inside the block (forwards without gradient checkpointing
-    only: a checkpoint recomputed after the block exits would use the restored implementation)."""
-    from trl_longpo.modeling import base_model
-
-    base = base_model(model)
-    previous = base.config._attn_implementation
-    if previous == name:
-        yield
-        return
-    base.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        base.set_attn_implementation(previous)

@@ -18,6 +18,7 @@ from __future__ import annotations
 from transformers import Trainer, TrainerCallback
 from transformers.utils import logging
 
+from trl_longpo.attention.patching import original_attention
 from trl_longpo.evaluation.probes import build_retrieval_probes
 from trl_longpo.evaluation.retention import (
     evaluate_retrieval,
@@ -29,11 +30,11 @@ from trl_longpo.evaluation.retention import (
 logger = logging.get_logger(__name__)
 
 
-def load_retention_documents(path: str, text_column: str = "text") -> list[str]:
+def load_retention_documents(path: str) -> list[str]:
     """Haystack documents from a .txt/.jsonl file (or any source `trl-longpo generate --documents` reads)."""
     from trl_longpo.data.documents import load_documents_table
 
-    table, column = load_documents_table(path, text_column, column_option="`retention_documents_text_column`")
+    table, column = load_documents_table(path)
     return [text for text in table[column] if isinstance(text, str) and text.strip()]
 
 
@@ -60,9 +61,7 @@ class RetentionCallback(TrainerCallback):
                 "Lower them, or set `policy_rope_theta` to extend the policy's context first."
             )
         self.tokenizer = trainer._tokenizer
-        documents = None
-        if args.retention_documents:
-            documents = load_retention_documents(args.retention_documents, args.retention_documents_text_column)
+        documents = load_retention_documents(args.retention_documents) if args.retention_documents else None
         self.probes = build_retrieval_probes(
             self.tokenizer, self.lengths, args.retention_probes_per_length, documents=documents, seed=args.seed
         )
@@ -86,10 +85,8 @@ class RetentionCallback(TrainerCallback):
                 "short-context KL and drift cannot be measured against it. Pass `ref_model` (kept for the metrics), "
                 "use PEFT (the reference is the policy without adapters), or set `precompute_ref_log_probs=False`."
             )
-        from trl_longpo.sequence_parallel import unsplit_attention
-
         model = trainer.model
-        with unsplit_attention(model), trainer.accelerator.autocast():
+        with original_attention(model), trainer.accelerator.autocast():
             scores = reference_answer_log_probs(
                 model, self.tokenizer, self.rows, reference_context=lambda: trainer.reference_context(model)
             )
@@ -115,12 +112,10 @@ class RetentionCallback(TrainerCallback):
 
     def measure(self) -> dict[str, float]:
         """All retention metrics now (every rank must call this together in a distributed run)."""
-        from trl_longpo.sequence_parallel import unsplit_attention
-
         trainer = self.trainer
         policy = trainer.model
         reference = trainer.ref_model if trainer.ref_model is not None else trainer.model
-        with unsplit_attention(policy, reference), trainer.accelerator.autocast():
+        with original_attention(policy, reference), trainer.accelerator.autocast():
             accuracy = evaluate_retrieval(policy, self.tokenizer, self.probes, max_new_tokens=self.max_new_tokens)
             short = short_retention_metrics(
                 policy,

@@ -6,56 +6,40 @@ the whole causal context by passing K/V around the group. Data parallelism compo
 
 Trainer-facing API (all ranks call everything, collectively):
 
-    mesh = init_sequence_parallel_mesh(sp_size)                     # after torch.distributed is initialised
+    mesh = init_sequence_parallel_mesh(sp_size)                 # after torch.distributed is initialised
     context = SequenceParallelContext(mesh, ring_attn_impl="zigzag", heads_k_stride=1)
-    prepare_model_for_sequence_parallel(model, context)             # checks + attn_implementation="ring_attention"
-    out = sp_log_probs(model, input_ids, labels, attention_mask, context=context)
-    out.sum_logps  # (B,) differentiable, identical on the SP group; out.num_tokens (B,)
+    scorer = RowScorer(sp=context, share_prompt=False)          # trl_longpo.scoring: per-row sums for this layout
+    context.prepare_model(model, scorer.attention_name)         # checks + the switch to ring attention
+    sums = scorer.row_sums(model, input_ids, attention_mask, [answer_mask])   # identical on the SP group
 
 Rows: the same (B, L) batch on every rank of an SP group (data sharded over `mesh.dp_rank` only; verified by a
-checksum each call), labels in the Hugging Face convention (aligned with input_ids, -100 = no loss). Gradients are
-right when DDP / FSDP / ZeRO average over all dp x sp ranks (see `collectives`).
+checksum each call). Gradients are right when DDP / FSDP / ZeRO average over all dp x sp ranks (see `collectives`).
 
-Lower-level pieces for custom forwards: `shard_rows` / `PackedShard` (packing, padding, layout, true positions),
-`RingAttentionState` + `model(..., ring_attention=state)` (see `trl_longpo.attention.ring`), `sp_all_reduce_sum`,
-`verify_same_batch`; `unsplit_attention(model)` for unsplit forwards (generation) on a ring-attention model.
+Lower-level pieces: `shard_rows` / `PackedShard` (packing, padding, layout, true positions), `shard_trees` (shared
+prompt), `sp_all_reduce_sum`, `verify_same_batch`.
 """
 
 from trl_longpo.sequence_parallel.collectives import sp_all_reduce_sum
-from trl_longpo.sequence_parallel.log_probs import (
-    RowLogProbs,
-    SequenceParallelContext,
-    check_model_for_sequence_parallel,
-    prepare_model_for_sequence_parallel,
-    shard_log_probs,
-    sp_fused_row_sums,
-    sp_log_probs,
-    unsplit_attention,
-)
+from trl_longpo.sequence_parallel.context import SequenceParallelContext
 from trl_longpo.sequence_parallel.mesh import (
     SequenceParallelMesh,
     check_sp_size,
     init_sequence_parallel_mesh,
     verify_same_batch,
 )
-from trl_longpo.sequence_parallel.sharding import IGNORE_INDEX, PackedShard, shard_local_indices, shard_rows
+from trl_longpo.sequence_parallel.sharding import PackedShard, shard_local_indices, shard_rows
+from trl_longpo.sequence_parallel.tree import TreeShard, shard_trees
 
 __all__ = [
-    "IGNORE_INDEX",
     "PackedShard",
-    "RowLogProbs",
     "SequenceParallelContext",
     "SequenceParallelMesh",
-    "check_model_for_sequence_parallel",
+    "TreeShard",
     "check_sp_size",
     "init_sequence_parallel_mesh",
-    "prepare_model_for_sequence_parallel",
     "shard_local_indices",
-    "shard_log_probs",
     "shard_rows",
+    "shard_trees",
     "sp_all_reduce_sum",
-    "sp_fused_row_sums",
-    "sp_log_probs",
-    "unsplit_attention",
     "verify_same_batch",
 ]

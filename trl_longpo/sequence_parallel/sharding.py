@@ -20,29 +20,31 @@ Layouts (W = sp size):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
-from trl_longpo.attention.ring import RingPlan, check_ring_attn_impl, make_varlen_plan
-
-IGNORE_INDEX = -100
+from trl_longpo.attention.interface import AttentionPlan
+from trl_longpo.attention.ring import check_ring_attn_impl, make_varlen_plan
+from trl_longpo.packing import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
 class PackedShard:
-    """This rank's share of a packed batch: model inputs (batch dimension 1), shifted labels and bookkeeping."""
+    """This rank's share of a packed batch, flat (no batch dimension): model inputs, shifted targets, bookkeeping."""
 
-    input_ids: torch.Tensor  # (1, T_local)
-    position_ids: torch.Tensor  # (1, T_local), true positions within each row
-    labels: torch.Tensor  # (1, T_local), ALREADY shifted: labels[t] is the target predicted at token t; -100 = none
+    input_ids: torch.Tensor  # (T_local,)
+    position_ids: torch.Tensor  # (T_local,), true positions within each row
+    targets: torch.Tensor  # (T_local,), ALREADY shifted: the token predicted at each position; -100 = none
     row_index: torch.Tensor  # (T_local,), input row of each token, -1 for padding
+    masks: torch.Tensor  # (K, T_local) bool: the given token masks, shifted like the targets (padding: False)
     num_rows: int
     global_cu_seqlens: torch.Tensor  # boundaries of the packed, padded (unsharded) segments
-    plan: RingPlan  # kernel arguments for ring attention on this rank
+    plan: AttentionPlan  # kernel arguments for ring attention on this rank
 
 
-def _round_up(n: int, multiple: int) -> int:
+def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
@@ -80,7 +82,7 @@ def shard_local_indices(segment_lengths: list[int], sp_rank: int, sp_size: int, 
 
 def shard_rows(
     input_ids: torch.Tensor,
-    labels: torch.Tensor,
+    masks: Sequence[torch.Tensor],
     attention_mask: torch.Tensor | None = None,
     position_ids: torch.Tensor | None = None,
     *,
@@ -92,20 +94,23 @@ def shard_rows(
 ) -> PackedShard:
     """Pack `input_ids` (B, L) rows into one sequence, pad it for `impl`, and return `sp_rank`'s shard.
 
-    `labels` (B, L) use the Hugging Face convention: aligned with `input_ids` (NOT shifted), -100 where no loss is
-    taken (prompt, padding). `attention_mask` (B, L) marks each row's real tokens (one contiguous block; left or right
-    padding). `position_ids` (B, L) default to 0..n-1 over each row's real tokens. `max_length` bounds the padded
-    packed length (a clear error instead of an out-of-memory deep inside the ring).
+    `masks` are (B, L) token masks in the Hugging Face convention (aligned with `input_ids`, NOT shifted: mask[b, t]
+    scores token t, predicted at t-1); `masks[0]` decides which positions get a target and must cover the others.
+    `attention_mask` (B, L) marks each row's real tokens (one contiguous block; left or right padding).
+    `position_ids` (B, L) default to 0..n-1 over each row's real tokens. `max_length` bounds the padded packed length
+    (a clear error instead of an out-of-memory deep inside the ring).
     """
     check_ring_attn_impl(impl)
-    if input_ids.dim() != 2 or labels.shape != input_ids.shape:
+    if input_ids.dim() != 2 or not masks or any(m.shape != input_ids.shape for m in masks):
         raise ValueError(
-            f"input_ids and labels must both be (batch, length); got {tuple(input_ids.shape)} and "
-            f"{tuple(labels.shape)}"
+            f"input_ids and every token mask must be (batch, length); got {tuple(input_ids.shape)} and "
+            f"{[tuple(m.shape) for m in masks]}"
         )
     num_rows = input_ids.shape[0]
     device = input_ids.device
-    ids, tgts, pos, rows, lengths = [], [], [], [], []
+    stacked = torch.stack([m.bool() for m in masks])
+    labels = input_ids.masked_fill(~stacked[0], IGNORE_INDEX)
+    ids, tgts, pos, rows, msk, lengths = [], [], [], [], [], []
     pad_unit = 2 * sp_size
     for b in range(num_rows):
         start, stop = _real_span(attention_mask[b]) if attention_mask is not None else (0, input_ids.shape[1])
@@ -116,21 +121,25 @@ def shard_rows(
         shifted = torch.full_like(labels[b, start:stop], IGNORE_INDEX)
         shifted[:-1] = labels[b, start + 1 : stop]
         row_pos = position_ids[b, start:stop] if position_ids is not None else torch.arange(n, device=device)
-        pad = _round_up(n, pad_unit) - n if impl == "zigzag" else 0
+        pad = round_up(n, pad_unit) - n if impl == "zigzag" else 0
         ids.append(torch.cat([row_ids, row_ids.new_full((pad,), pad_token_id)]))
         tgts.append(torch.cat([shifted, shifted.new_full((pad,), IGNORE_INDEX)]))
+        row_masks = stacked.new_zeros((stacked.size(0), n + pad))
+        row_masks[:, : n - 1] = stacked[:, b, start + 1 : stop]
+        msk.append(row_masks)
         # Padding continues the row's positions (any value works: nothing real attends to it).
         pos.append(torch.cat([row_pos, row_pos[-1] + 1 + torch.arange(pad, device=device, dtype=row_pos.dtype)]))
         rows.append(torch.full((n + pad,), b, dtype=torch.long, device=device))
         rows[-1][n:] = -1
         lengths.append(n + pad)
     total = sum(lengths)
-    tail = _round_up(max(total, 1), pad_unit) - total  # llama3: trailing padding segment (zigzag: already aligned)
+    tail = round_up(max(total, 1), pad_unit) - total  # llama3: trailing padding segment (zigzag: already aligned)
     if tail:
         ids.append(input_ids.new_full((tail,), pad_token_id))
         tgts.append(labels.new_full((tail,), IGNORE_INDEX))
         pos.append(torch.arange(tail, device=device, dtype=pos[0].dtype if pos else torch.long))
         rows.append(torch.full((tail,), -1, dtype=torch.long, device=device))
+        msk.append(stacked.new_zeros((stacked.size(0), tail)))
         lengths.append(tail)
         total += tail
     if max_length is not None and total > max_length:
@@ -142,10 +151,11 @@ def shard_rows(
     local = shard_local_indices(lengths, sp_rank, sp_size, impl).to(device)
     packed_pos = torch.cat(pos)
     return PackedShard(
-        input_ids=torch.cat(ids)[local].unsqueeze(0),
-        position_ids=packed_pos[local].unsqueeze(0),
-        labels=torch.cat(tgts)[local].unsqueeze(0),
+        input_ids=torch.cat(ids)[local],
+        position_ids=packed_pos[local],
+        targets=torch.cat(tgts)[local],
         row_index=torch.cat(rows)[local],
+        masks=torch.cat(msk, dim=1)[:, local],
         num_rows=num_rows,
         global_cu_seqlens=global_cu,
         plan=make_varlen_plan(impl, global_cu.to(device), sp_rank, sp_size),

@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from trl_longpo.attention.tree import Block, Tree, TreeAttentionPlan, tree_blocks
 from trl_longpo.packing import IGNORE_INDEX, PackedTrees
-from trl_longpo.sequence_parallel.sharding import local_ranges
+from trl_longpo.sequence_parallel.sharding import local_ranges, round_up
 
 
 @dataclass(frozen=True)
@@ -37,10 +37,6 @@ class TreeShard:
     masks: torch.Tensor  # (K, T_local)
     num_rows: int
     plan: TreeAttentionPlan
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _key_pieces(start: int, stop: int, storage: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
@@ -105,14 +101,14 @@ def shard_trees(
     unit = 2 * sp_size
     trees, segments, pads = [], [], []
     for tree in packed.trees:
-        pad = _round_up(tree.length, unit) - tree.length if impl == "zigzag" else 0
+        pad = round_up(tree.length, unit) - tree.length if impl == "zigzag" else 0
         trees.append(tree)
         if pad:
             trees.append(Tree(pad))
         segments.append(tree.length + pad)
         pads.append(pad)
     total = sum(segments)
-    tail = _round_up(max(total, 1), unit) - total
+    tail = round_up(max(total, 1), unit) - total
     if tail:
         trees.append(Tree(tail))
         segments.append(tail)

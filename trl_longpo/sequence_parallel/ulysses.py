@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from trl_longpo.attention.interface import AttentionPlan
 from trl_longpo.sequence_parallel.planning import check_ulysses_degree, replicated_kv_heads
 
 
@@ -140,24 +141,19 @@ def ulysses_local_ranges(
 
 @dataclass(frozen=True)
 class UlyssesPlan:
-    """An attention plan for Ulysses (ring_group None: `inner` covers the whole packed sequence) or the hybrid
+    """An `AttentionPlan` (`trl_longpo.attention.interface`) for Ulysses (ring_group None: `inner` covers the whole packed sequence) or the hybrid
     (`inner` is the ring plan of this rank's ring shard, run over `ring_group` with H/u heads).
 
     `inner` is any plan (varlen rows, ring, shared-prompt tree) built for the u x n tokens the all-to-all delivers."""
 
-    inner: object
+    inner: AttentionPlan
     ulysses_group: dist.ProcessGroup
     ring_group: dist.ProcessGroup | None
     num_local_tokens: int
     impl: str = "ulysses"
 
-    @property
-    def needs_half_precision(self) -> bool:
-        return getattr(self.inner, "needs_half_precision", False)
-
     def compute_dtype(self, dtype: torch.dtype, device: torch.device) -> torch.dtype:
-        inner = getattr(self.inner, "compute_dtype", None)
-        return inner(dtype, device) if inner is not None else dtype
+        return self.inner.compute_dtype(dtype, device)
 
     def attend(self, q, k, v, *, softmax_scale, group=None, heads_k_stride=1):
         def local(q, k, v):
