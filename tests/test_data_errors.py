@@ -155,3 +155,41 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     assert "error:" in err and "Traceback" not in err
     assert main(["generate", "--documents", "x"]) == 2
     assert main([]) == 2 and main(["--help"]) == 0
+
+
+def test_mixed_document_folders_and_output_inside_documents_are_refused(tmp_path, tokenizer):
+    """Issue 19: a folder of books plus one stray .json loaded only the JSON table; an --output inside the documents
+    folder made the rerun read the run's own files as documents."""
+    books = tmp_path / "books"
+    books.mkdir()
+    for i, text in enumerate(DOCS):
+        (books / f"book{i}.txt").write_text(text)
+    (books / "notes.json").write_text(json.dumps({"text": "not a book"}) + "\n")
+    with pytest.raises(DocumentsError, match=r"mixes kinds of document files: 3 text files \(book0.txt, .*\); 1 json tables \(notes.json\)"):
+        load_documents_table(str(books))
+    (books / "notes.json").unlink()
+    assert sorted(load_documents_table(str(books))[0]["text"]) == sorted(DOCS)  # negative control
+    backend = ScriptedBackend(tokenizer, respond)
+    cfg = config(tmp_path, documents=str(books), output=str(books / "run"))
+    with pytest.raises(DataConfigError, match="--output .*/books/run is inside --documents"):
+        generate_dataset(cfg, backend=backend, tokenizer=tokenizer)
+    assert not (books / "run").exists()
+
+
+def test_non_utf8_jsonl_names_file_and_line(tmp_path):
+    source = tmp_path / "docs.jsonl"
+    source.write_bytes(b'{"text": "fine"}\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DocumentsError, match=r"docs.jsonl.*line 2: byte 0xe9 at column 14 is not UTF-8"):
+        load_documents_table(str(source))
+
+
+def test_retention_documents_take_a_text_column(tmp_path):
+    from trl_longpo import LongPOConfig
+    from trl_longpo.evaluation.callback import load_retention_documents
+
+    source = tmp_path / "haystack.jsonl"
+    source.write_text("".join(json.dumps({"body": t}) + "\n" for t in DOCS))
+    with pytest.raises(DocumentsError, match="Choose one with `retention_documents_text_column`"):
+        load_retention_documents(str(source))
+    args = LongPOConfig(output_dir=str(tmp_path), report_to="none", retention_documents_text_column="body")
+    assert load_retention_documents(str(source), args.retention_documents_text_column) == DOCS

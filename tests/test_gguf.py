@@ -167,3 +167,27 @@ def test_overwrite_never_loses_data(tiny_gguf, tmp_path):
     run_before = _snapshot(run)
     assert cli_main(["convert-gguf", str(path), str(run), "--overwrite"]) == 2
     assert _snapshot(run) == run_before
+
+
+def test_demo_overwrite_replaces_the_model_of_an_earlier_demo_run(tiny_gguf, tmp_path):
+    """`demo --overwrite` after `demo --model tiny` reaches the model folder (issue 19: the converter refused it and
+    asked for the --overwrite already given); the other way round the tiny model is no longer a silent reuse of the
+    converted one. Without --overwrite both are refused, naming the option."""
+    from transformers import AutoConfig
+
+    from trl_longpo.data import OutputDirError
+    from trl_longpo.demo import DemoConfig, prepare_model
+
+    path, _ = tiny_gguf
+    out = str(tmp_path / "demo")
+    tiny = prepare_model(DemoConfig(model="tiny", output=out))
+    tiny_config = AutoConfig.from_pretrained(tiny)
+    with pytest.raises(OutputDirError, match="--overwrite"):
+        prepare_model(DemoConfig(model=str(path), output=out))
+    converted = prepare_model(DemoConfig(model=str(path), output=out, overwrite=True))
+    assert is_converted(path, converted) and AutoConfig.from_pretrained(converted).hidden_size == HIDDEN
+    assert prepare_model(DemoConfig(model=str(path), output=out)) == converted  # reused
+    with pytest.raises(OutputDirError, match="--overwrite"):
+        prepare_model(DemoConfig(model="tiny", output=out))
+    prepare_model(DemoConfig(model="tiny", output=out, overwrite=True))
+    assert AutoConfig.from_pretrained(tiny).to_dict() == tiny_config.to_dict()

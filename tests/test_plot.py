@@ -52,3 +52,29 @@ def test_plot_errors_are_one_line(tmp_path, capsys):
     save_state(tmp_path / "empty", [{"step": 1, "learning_rate": 1e-4}])
     assert cli_main(["plot", str(tmp_path / "empty")]) == 2
     assert "no logged loss, reward or retention metrics" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", "is not valid JSON"),  # empty (killed before writing)
+        ('{"global_step": 2, "log_history": [{"step": 1, "lo', "is not valid JSON"),  # truncated
+        ("[1, 2]", "is not a Trainer state: expected an object with a `log_history` list"),
+        ('{"log_history": {"step": 1}}', "is not a Trainer state"),
+    ],
+)
+def test_plot_names_a_damaged_state_file(tmp_path, capsys, content, message):
+    """Issue 19: a raw JSON error or a traceback, without the file's name."""
+    (tmp_path / "run").mkdir()
+    state = tmp_path / "run" / "trainer_state.json"
+    state.write_text(content)
+    assert cli_main(["plot", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{state} {message}" in err
+
+
+def test_plot_ignores_a_checkpoint_best_folder(tmp_path):
+    """Issue 19: `checkpoint-best/` (a name that is not a step) crashed the search for the newest checkpoint."""
+    save_state(tmp_path / "run" / "checkpoint-best", LOG_HISTORY[:2])
+    save_state(tmp_path / "run" / "checkpoint-4", LOG_HISTORY)
+    assert find_trainer_state(tmp_path / "run").parent.name == "checkpoint-4"

@@ -213,3 +213,18 @@ def test_accelerate_context_and_sequence_parallelism_are_refused(tmp_path, monke
         longpo_args(tmp_path)
     monkeypatch.setenv(f"PARALLELISM_CONFIG_{name.upper()}", "1")  # sizes of 1: nothing to refuse
     assert longpo_args(tmp_path).parallelism_config is None
+
+
+def test_moe_under_shared_prompt_names_the_working_setting(tokenizer, tmp_path):
+    """The refusal names `router_aux_loss_coef=0` (issue 19), which the trainer then accepts."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    config = MixtralConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=2048,
+    )  # fmt: skip
+    model = MixtralForCausalLM(config)
+    with pytest.raises(ValueError, match=r"MoE router auxiliary loss.*Set `router_aux_loss_coef=0`"):
+        _trainer(tokenizer, model, make_rows(2), tmp_path, share_prompt=True)
+    trainer = _trainer(tokenizer, model, make_rows(2), tmp_path, share_prompt=True, router_aux_loss_coef=0.0)
+    assert not trainer.aux_loss_enabled

@@ -226,3 +226,23 @@ def test_multi_process_launch_run_as_single_jobs_is_refused(tokenizer, tiny_mode
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(ValueError, match=r"2 processes were launched but accelerate runs 1.*`use_cpu: true`"):
         _trainer(tokenizer, tiny_model, make_rows(2), tmp_path)
+
+
+# ------------------------------------------------------------------------------------------- pairs (issue 19, 3)
+def test_swapped_prompt_columns_are_refused_and_identical_pairs_reported(tokenizer, tiny_model, tmp_path, caplog):
+    """`short_prompt` longer than `prompt` on most rows inverts the method; `chosen == rejected` gives a constant
+    loss. Both trained without a word (issue 19)."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    rows = make_rows(4)
+    swapped = [{**row, "prompt": row["short_prompt"], "short_prompt": row["prompt"]} for row in rows]
+    with pytest.raises(LongPODataError, match=r"4 of 4 rows .* `short_prompt` longer than their `prompt`.*swapped"):
+        _trainer(tokenizer, tiny_model, swapped, tmp_path)
+    rows[2]["rejected"] = copy.deepcopy(rows[2]["chosen"])
+    hf_logging.enable_propagation()
+    with caplog.at_level(logging.WARNING):
+        _trainer(tokenizer, tiny_model, rows, tmp_path)  # negative control: the right columns train
+    assert "1 of 4 rows of the train dataset have `chosen` == `rejected` (rows [2])" in caplog.text
+    assert "swapped" not in caplog.text

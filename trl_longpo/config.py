@@ -94,6 +94,8 @@ class LongPOConfig(DPOConfig):
         retention_documents (`str`, *optional*):
             Haystack documents for the probes (a file or directory, as `trl-longpo generate --documents`); `None`
             uses the built-in corpus (CPython's help topics).
+        retention_documents_text_column (`str`, *optional*, defaults to `"text"`):
+            Column holding the text when `retention_documents` is a table (.jsonl/.json/.parquet/.csv).
 
     > [!NOTE]
     > These parameters have default values different from [`~trl.DPOConfig`], because DPO's are wrong for long
@@ -250,6 +252,10 @@ class LongPOConfig(DPOConfig):
             "help": "Documents for the probes' haystack: a .txt/.jsonl file or directory (as `trl-longpo generate "
             "--documents`). None (default) uses the built-in corpus (CPython's help topics)."
         },
+    )
+    retention_documents_text_column: str = field(
+        default="text",
+        metadata={"help": "Column holding the text in a `retention_documents` table (.jsonl/.json/.parquet/.csv)."},
     )
 
     def __post_init__(self):

@@ -20,12 +20,14 @@ that answers cut at the CPU-sized `max_new_tokens` are kept as preference pairs 
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from trl_longpo.data import GenerationConfig, generate_dataset
+from trl_longpo.data import GenerationConfig, OutputDirError, generate_dataset
 
 SMOLLM2_QUESTION_TEMPLATE = (
     "{chunk}\n\nWrite {n} different questions about the text above that it answers. "
@@ -82,7 +84,11 @@ class DemoConfig:
     seed: int = field(default=0, metadata={"help": "Seed for generation, probes and training."})
     progress: bool = field(default=True, metadata={"help": "Show progress bars."})
     overwrite: bool = field(
-        default=False, metadata={"help": "Delete an earlier demo run's data (OUTPUT/data) made with other settings."}
+        default=False,
+        metadata={
+            "help": "Delete an earlier demo run's data (OUTPUT/data) made with other settings, and its model "
+            "(OUTPUT/model) when it is another one (e.g. after `--model tiny`)."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -92,21 +98,47 @@ class DemoConfig:
                 setattr(self, f.name, preset[f.name])
 
 
+TINY_MARKER = "demo_tiny_model.json"  # written into OUTPUT/model by `--model tiny` (GGUF conversions have their own)
+
+
 def prepare_model(demo: DemoConfig) -> str:
-    """The demo's model as a local directory: built (tiny), converted once (GGUF) or used as given."""
+    """The demo's model as a local directory: built (tiny), converted once (GGUF) or used as given. OUTPUT/model
+    holding the other kind of model (tiny vs converted) is replaced with `--overwrite`, refused without."""
     from trl_longpo.gguf import convert_gguf, find_smollm2_gguf
     from trl_longpo.tiny import save_tiny_model
 
     model_dir = Path(demo.output) / "model"
+    tiny_here = (model_dir / TINY_MARKER).exists() or (
+        (model_dir / "config.json").exists() and not (model_dir / "converted_from_gguf.json").exists()
+    )  # an unmarked model: the tiny model of a version before the marker
     if demo.model == "tiny":
-        if not (model_dir / "config.json").exists():
-            save_tiny_model(model_dir)
+        if tiny_here:
+            return str(model_dir)
+        _replace_demo_model(model_dir, demo, "the tiny model")
+        save_tiny_model(model_dir)
+        (model_dir / TINY_MARKER).write_text(json.dumps({"model": "tiny"}) + "\n")
         return str(model_dir)
     if demo.model == "smollm2" or demo.model.endswith(".gguf"):
         source = find_smollm2_gguf() if demo.model == "smollm2" else Path(demo.model)
+        if tiny_here:
+            _replace_demo_model(model_dir, demo, source.name)
         print(f"[demo] model: {source.name} -> {model_dir} (converted once, reused afterwards)", flush=True)
-        return str(convert_gguf(source, model_dir))
+        return str(convert_gguf(source, model_dir, overwrite=demo.overwrite))
     return demo.model
+
+
+def _replace_demo_model(model_dir: Path, demo: DemoConfig, wanted: str) -> None:
+    """Delete the other model an earlier demo run left in OUTPUT/model, with `--overwrite` only."""
+    if not model_dir.exists() or not any(model_dir.iterdir()):
+        return
+    if not any((model_dir / name).exists() for name in (TINY_MARKER, "converted_from_gguf.json", "config.json")):
+        raise OutputDirError(f"{model_dir} is not empty and holds no model; choose another --output.")
+    if not demo.overwrite:
+        raise OutputDirError(
+            f"{model_dir} holds another model from an earlier demo run; pass --overwrite to replace it with "
+            f"{wanted}, or choose another --output."
+        )
+    shutil.rmtree(model_dir)
 
 
 def demo_generation_config(demo: DemoConfig, model_dir: str) -> GenerationConfig:

@@ -26,13 +26,34 @@ def find_trainer_state(path: str | Path) -> Path:
         return path
     if (path / "trainer_state.json").is_file():
         return path / "trainer_state.json"
-    checkpoints = sorted(path.glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[-1]))
-    if checkpoints:
-        return checkpoints[-1]
+    from trl_longpo.checkpoints import STATE_FILE, checkpoints
+
+    # checkpoint-N folders only, newest first (a `checkpoint-best/` copy or other names are not steps)
+    states = [c / STATE_FILE for c in checkpoints(path) if (c / STATE_FILE).is_file()]
+    if states:
+        return states[0]
     raise FileNotFoundError(
         f"no trainer_state.json in {path} or its checkpoint-* folders; pass a training output_dir "
         "(the trainer writes trainer_state.json on save and at the end of `train()`)"
     )
+
+
+def read_log_history(state_file: Path) -> list[dict]:
+    """The `log_history` of a trainer_state.json; a `ValueError` naming the file when it is not one."""
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"{state_file} is not valid JSON ({exc}): it is empty or was cut while being written. Plot a complete "
+            "one (an earlier checkpoint-N/trainer_state.json) or rerun the save."
+        ) from None
+    history = state.get("log_history") if isinstance(state, dict) else None
+    if not isinstance(history, list) or not all(isinstance(entry, dict) for entry in history):
+        raise ValueError(
+            f"{state_file} is not a Trainer state: expected an object with a `log_history` list of logged steps, "
+            f"found {type(state).__name__}" + (" without one" if isinstance(state, dict) else "") + "."
+        )
+    return history
 
 
 def curves(log_history: list[dict]) -> dict[str, dict[str, tuple[list[int], list[float]]]]:
@@ -60,7 +81,7 @@ def plot_training(path: str | Path, output: str | Path | None = None) -> Path:
         raise ImportError("`trl-longpo plot` needs matplotlib: pip install matplotlib (or trl-longpo[demo])") from exc
 
     state_file = find_trainer_state(path)
-    data = curves(json.loads(state_file.read_text()).get("log_history", []))
+    data = curves(read_log_history(state_file))
     if not data:
         raise ValueError(f"{state_file} has no logged loss, reward or retention metrics to plot")
     output = Path(output) if output else state_file.parent / "training_curves.png"

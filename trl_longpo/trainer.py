@@ -183,7 +183,8 @@ class LongPOTrainer(DPOTrainer):
             raise ValueError(
                 "The MoE router auxiliary loss needs `share_prompt=False` and no sequence parallelism (it would be "
                 "computed over packed tokens, with the prompt once or split over ranks, and differ from the padded "
-                "loss)."
+                "loss). Set `router_aux_loss_coef=0` (no auxiliary loss; the packed loss then equals the padded one "
+                "exactly), or `share_prompt=False` (and `sequence_parallel_size=1`)."
             )
         if args.sequence_parallel_size > 1:
             self._setup_sequence_parallel(args)

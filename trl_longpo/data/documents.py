@@ -51,12 +51,27 @@ def pydoc_documents(doc_chars: int = 12000) -> list[str]:
     return docs
 
 
+def _check_utf8(name: str, source: str) -> None:
+    """Name the file, line and byte of the first non-UTF-8 byte (datasets' own error names neither)."""
+    with open(name, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise DocumentsError(
+                    f"Document file {name!r} (from {source!r}), line {number}: byte {line[exc.start]:#04x} at column "
+                    f"{exc.start + 1} is not UTF-8. Re-encode the file as UTF-8 (e.g. `iconv -f latin1 -t utf-8`)."
+                ) from None
+
+
 def _load_table(loader: str, files: list[str], source: str) -> datasets.Dataset:
     for name in files:
         with open(name, "rb") as f:
             blank = not f.read(1 << 16).strip() and f.read(1) == b""
         if blank:
             raise DocumentsError(f"Document file {name!r} (from {source!r}) is empty: it holds no documents.")
+        if loader in ("json", "csv"):
+            _check_utf8(name, source)
     try:
         return datasets.load_dataset(loader, data_files=files, split="train")
     except Exception as exc:  # datasets raises many types for unreadable files
@@ -98,26 +113,43 @@ def _from_path(source: str) -> tuple[datasets.Dataset, bool]:
                 loaded = loaded["train"]
             return loaded, False
         files = sorted(p for p in path.rglob("*") if p.is_file())
-        for suffix, loader in TABLE_LOADERS.items():
-            tables = [str(p) for p in files if p.suffix == suffix]
-            if tables:
-                return _load_table(loader, tables, source), False
-        texts = [p for p in files if p.suffix in TEXT_SUFFIXES]
-        if not texts:
+        kinds: dict[str, list[Path]] = {}
+        for f in files:
+            if f.suffix in TABLE_LOADERS:
+                kinds.setdefault(f"{TABLE_LOADERS[f.suffix]} tables", []).append(f)
+            elif f.suffix in TEXT_SUFFIXES:
+                kinds.setdefault("text files", []).append(f)
+        if len(kinds) > 1:  # loading one kind would silently ignore the others
+            found = "; ".join(
+                f"{len(group)} {kind} ({', '.join(p.name for p in group[:3])}{', ...' if len(group) > 3 else ''})"
+                for kind, group in kinds.items()
+            )
+            raise DocumentsError(
+                f"Directory {source!r} mixes kinds of document files: {found}. Only one kind would be read; keep one "
+                "kind in the directory (move the others out), or pass a single file as --documents."
+            )
+        if not kinds:
             raise DocumentsError(
                 f"No documents found in directory {source!r}: expected .jsonl/.json/.parquet/.csv files or text files "
                 f"({', '.join(sorted(TEXT_SUFFIXES))})."
             )
-        return _read_text_files(texts, source), True
+        ((kind, group),) = kinds.items()
+        if kind == "text files":
+            return _read_text_files(group, source), True
+        return _load_table(TABLE_LOADERS[group[0].suffix], [str(p) for p in group], source), False
     if path.suffix in TABLE_LOADERS:
         return _load_table(TABLE_LOADERS[path.suffix], [str(path)], source), False
     return _read_text_files([path], source), True
 
 
 def load_documents_table(
-    source: str | datasets.Dataset | list[str], text_column: str = "text", pydoc_doc_chars: int = 12000
+    source: str | datasets.Dataset | list[str],
+    text_column: str = "text",
+    pydoc_doc_chars: int = 12000,
+    column_option: str = "--text_column",
 ) -> tuple[datasets.Dataset, str]:
-    """The documents as a `datasets.Dataset` and the name of its text column; raises `DocumentsError`."""
+    """The documents as a `datasets.Dataset` and the name of its text column; raises `DocumentsError` (which names
+    `column_option` as the way to choose another column)."""
     if isinstance(source, list):
         return datasets.Dataset.from_dict({"text": source}), "text"
     if isinstance(source, datasets.Dataset):
@@ -140,6 +172,6 @@ def load_documents_table(
     if column not in table.column_names:
         raise DocumentsError(
             f"The documents from {source if isinstance(source, str) else 'the given dataset'!r} have no column "
-            f"{column!r}; columns: {table.column_names}. Choose one with --text_column."
+            f"{column!r}; columns: {table.column_names}. Choose one with {column_option}."
         )
     return table, column

@@ -108,6 +108,12 @@ def _prepare(config: GenerationConfig, documents, backend: GenerationBackend | N
     if config.world_size > 1:
         out = out / "shards" / shard_name(config.rank, config.world_size)
     source = documents if documents is not None else config.documents
+    inside = [out.resolve(), *out.resolve().parents]  # --output itself and every folder above it
+    if isinstance(source, str) and Path(source).is_dir() and Path(source).resolve() in inside:
+        raise DataConfigError(
+            f"--output {config.output} is inside --documents {source}: a rerun would read this run's own files "
+            "(settings, work files, the dataset) as documents. Choose an --output outside the documents folder."
+        )
     table, column = load_documents_table(source, config.text_column, config.pydoc_doc_chars)  # fail fast on inputs
     if tokenizer is None:
         tokenizer = _load_tokenizer(config.tokenizer or config.model)

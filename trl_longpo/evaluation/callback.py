@@ -30,11 +30,11 @@ from trl_longpo.evaluation.retention import (
 logger = logging.get_logger(__name__)
 
 
-def load_retention_documents(path: str) -> list[str]:
+def load_retention_documents(path: str, text_column: str = "text") -> list[str]:
     """Haystack documents from a .txt/.jsonl file (or any source `trl-longpo generate --documents` reads)."""
     from trl_longpo.data.documents import load_documents_table
 
-    table, column = load_documents_table(path)
+    table, column = load_documents_table(path, text_column, column_option="`retention_documents_text_column`")
     return [text for text in table[column] if isinstance(text, str) and text.strip()]
 
 
@@ -61,7 +61,9 @@ class RetentionCallback(TrainerCallback):
                 "Lower them, or set `policy_rope_theta` to extend the policy's context first."
             )
         self.tokenizer = trainer._tokenizer
-        documents = load_retention_documents(args.retention_documents) if args.retention_documents else None
+        documents = None
+        if args.retention_documents:
+            documents = load_retention_documents(args.retention_documents, args.retention_documents_text_column)
         self.probes = build_retrieval_probes(
             self.tokenizer, self.lengths, args.retention_probes_per_length, documents=documents, seed=args.seed
         )
