@@ -202,6 +202,7 @@ class LongPOTrainer(DPOTrainer):
         checkpoint = resolve_checkpoint(resume_from_checkpoint, self.args.output_dir)
         if checkpoint is not None:
             check_resume_data(checkpoint, self._data_fingerprint)
+        self._log_global_batch()
         return super().train(resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -241,6 +242,19 @@ class LongPOTrainer(DPOTrainer):
                 f"tree attention on its own queries (ring_attn_impl='{args.ring_attn_impl}' keeps its token layout, "
                 "but K/V do not travel by the P2P ring: a ring step's key block would cut across branches). Set "
                 "share_prompt=False for ring-flash-attn's ring schedule."
+            )
+
+    def _log_global_batch(self) -> None:
+        """Say once, at start, how many pairs one optimizer step sees (the paper's is 8). At warning level because it
+        is the setting most easily got wrong: it grows with the number of GPUs, except those an SP group shares."""
+        args, sp = self.args, self._sp.mesh.sp_size if self._sp is not None else 1
+        dp = self._sp.mesh.dp_size if self._sp is not None else args.world_size
+        if self.is_world_process_zero():
+            logger.warning(
+                f"Global batch: {self.get_total_train_batch_size(args)} pairs per optimizer step = per-device "
+                f"{self._train_batch_size} × accumulation {args.gradient_accumulation_steps} × data-parallel {dp}"
+                + (f" (each row split over an SP group of {sp} ranks)" if sp > 1 else "")
+                + "; the paper trains with 8."
             )
 
     def get_total_train_batch_size(self, args) -> int:
