@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 from conftest import longpo_args, make_rows, make_two_turn_row
 from datasets import Dataset
 from transformers import BertConfig, BertForMaskedLM
@@ -223,8 +224,16 @@ def test_moe_under_shared_prompt_names_the_working_setting(tokenizer, tmp_path):
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
         num_key_value_heads=2, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=2048,
     )  # fmt: skip
-    model = MixtralForCausalLM(config)
+    model = MixtralForCausalLM(config)  # fp32: the grouped expert matmul has no fp64 kernel
     with pytest.raises(ValueError, match=r"MoE router auxiliary loss.*Set `router_aux_loss_coef=0`"):
         _trainer(tokenizer, model, make_rows(2), tmp_path, share_prompt=True)
-    trainer = _trainer(tokenizer, model, make_rows(2), tmp_path, share_prompt=True, router_aux_loss_coef=0.0)
-    assert not trainer.aux_loss_enabled
+    losses = []
+    for share_prompt in (True, False):  # with the coefficient at 0, shared equals unshared
+        trainer = _trainer(
+            tokenizer, model, make_rows(2), tmp_path, share_prompt=share_prompt, router_aux_loss_coef=0.0, beta=0.5
+        )
+        assert not trainer.aux_loss_enabled
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
+        with trainer._packed_attention(), torch.no_grad():
+            losses.append(trainer.compute_loss(trainer.model, batch).item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
