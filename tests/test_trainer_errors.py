@@ -234,6 +234,6 @@ def test_moe_under_shared_prompt_names_the_working_setting(tokenizer, tmp_path):
         )
         assert not trainer.aux_loss_enabled
         batch = trainer.data_collator([trainer.train_dataset[i] for i in range(2)])
-        with trainer._packed_attention(), torch.no_grad():
+        with trainer.scorer.step_attention(trainer.model, trainer.ref_model), torch.no_grad():
             losses.append(trainer.compute_loss(trainer.model, batch).item())
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
