@@ -247,8 +247,8 @@ class LongPOTrainer(DPOTrainer):
     def _log_global_batch(self) -> None:
         """Say once, at start, how many pairs one optimizer step sees (the paper's is 8). At warning level because it
         is the setting most easily got wrong: it grows with the number of GPUs, except those an SP group shares."""
-        args, sp = self.args, self._sp.mesh.sp_size if self._sp is not None else 1
-        dp = self._sp.mesh.dp_size if self._sp is not None else args.world_size
+        args, mesh = self.args, self.scorer.sp.mesh if self.scorer.sp is not None else None
+        sp, dp = (mesh.sp_size, mesh.dp_size) if mesh is not None else (1, args.world_size)
         if self.is_world_process_zero():
             logger.warning(
                 f"Global batch: {self.get_total_train_batch_size(args)} pairs per optimizer step = per-device "
