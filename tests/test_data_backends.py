@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from trl_longpo.data import GenerationConfig, HFBackend, Sampling, VLLMBackend, generate_dataset, rope_theta_override
+from trl_longpo.data.backends import make_backend
 from trl_longpo.data.testing import FakeVLLMEngine
 from trl_longpo.tiny import build_tiny_model
 
@@ -117,6 +118,7 @@ def test_vllm_backend_request_surface():
         engine_factory=_fake_vllm(engines),
         sampling_params_factory=_Params,
         context_length=32768,
+        device="cuda",
     )
     assert backend.context_length == 32768
     out = backend.generate([[1, 2, 3], [4, 5]], Sampling(7, 0.5, 0.9, 20), seeds=[101, 102])
@@ -174,6 +176,7 @@ def test_vllm_backend_drives_the_pipeline(tmp_path, tokenizer):
         engine_factory=_fake_vllm(engines, answers),
         sampling_params_factory=_Params,
         context_length=4096,
+        device="cuda",
     )
     result = generate_dataset(cfg, documents=docs, backend=backend, tokenizer=tokenizer)
     assert len(result.dataset) == 3
@@ -181,3 +184,59 @@ def test_vllm_backend_drives_the_pipeline(tmp_path, tokenizer):
     row = result.dataset[0]
     assert row["rejected"][0]["content"].startswith("The long prompt answer")
     assert row["chosen"][0]["content"].startswith("The short prompt answer")
+
+
+# ---------------------------------------------------------------------------------- vLLM defaults on a CPU build
+def _engine_kwargs(model: str, device: str, **options) -> dict:
+    engines: list[FakeVLLMEngine] = []
+    backend = VLLMBackend(
+        model, engine_factory=_fake_vllm(engines), sampling_params_factory=_Params, device=device, **options
+    )
+    backend.generate([[1, 2]], Sampling(2), seeds=[0])
+    backend.generate([[1, 2]], Sampling(2), seeds=[0], long_context=True)  # the RoPE engine gets the same settings
+    assert len(engines) == (2 if options.get("long_rope_theta") else 1)
+    platform_keys = ("dtype", "enforce_eager", "kv_cache_memory_bytes")
+    assert len({tuple(e.kwargs.get(k) for k in platform_keys) for e in engines}) == 1
+    return engines[-1].kwargs
+
+
+@pytest.fixture
+def fp32_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.delenv("VLLM_CPU_KVCACHE_SPACE", raising=False)
+    model = build_tiny_model(seed=0)
+    assert model.dtype == torch.float32
+    model.config.save_pretrained(tmp_path)  # the config alone: its dtype is what the backend reads
+    return str(tmp_path)
+
+
+def test_vllm_on_cpu_gets_a_stated_kv_cache_eager_mode_and_the_checkpoint_dtype(fp32_checkpoint, caplog):
+    with caplog.at_level("WARNING", logger="trl_longpo.data.backends"):
+        kwargs = _engine_kwargs(fp32_checkpoint, "cpu", long_rope_theta=1e6, long_max_model_len=4096)
+    assert kwargs["kv_cache_memory_bytes"] == 4 * 2**30  # not 0.9 x the machine's RAM
+    assert kwargs["enforce_eager"] is True
+    assert kwargs["dtype"] == "float32"  # vLLM's own "auto" would be bfloat16 for these float32 weights
+    assert "KV cache 4 GiB" in caplog.text and "dtype float32" in caplog.text and "enforce_eager" in caplog.text
+    assert _engine_kwargs(fp32_checkpoint, "cpu", kv_cache_gib=1)["kv_cache_memory_bytes"] == 2**30
+
+
+def test_vllm_on_cpu_keeps_what_the_user_chose(fp32_checkpoint, monkeypatch):
+    chosen = _engine_kwargs(
+        fp32_checkpoint, "cpu", dtype="bfloat16", engine_kwargs={"enforce_eager": False, "kv_cache_memory_bytes": 5}
+    )
+    assert chosen["dtype"] == "bfloat16" and chosen["enforce_eager"] is False and chosen["kv_cache_memory_bytes"] == 5
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "2")  # vLLM lets the variable win: do not claim another size
+    assert "kv_cache_memory_bytes" not in _engine_kwargs(fp32_checkpoint, "cpu")
+
+
+def test_vllm_on_gpu_keeps_vllm_defaults(fp32_checkpoint):
+    kwargs = _engine_kwargs(fp32_checkpoint, "cuda")
+    assert kwargs["dtype"] == "auto" and kwargs["gpu_memory_utilization"] == 0.9
+    assert "enforce_eager" not in kwargs and "kv_cache_memory_bytes" not in kwargs
+    assert _engine_kwargs(fp32_checkpoint, "cuda", kv_cache_gib=0.5)["kv_cache_memory_bytes"] == 2**29
+
+
+def test_generate_options_reach_the_vllm_backend(tmp_path):
+    config = GenerationConfig(model="m", backend="vllm", output=str(tmp_path), kv_cache_gib=1.5, dtype="float32")
+    backend = make_backend(config, tokenizer=None)
+    assert backend.engine_kwargs["kv_cache_memory_bytes"] == int(1.5 * 2**30)
+    assert backend.engine_kwargs["dtype"] == "float32"

