@@ -240,3 +240,36 @@ def test_generate_options_reach_the_vllm_backend(tmp_path):
     backend = make_backend(config, tokenizer=None)
     assert backend.engine_kwargs["kv_cache_memory_bytes"] == int(1.5 * 2**30)
     assert backend.engine_kwargs["dtype"] == "float32"
+
+
+def test_vllm_completions_exclude_the_eos_they_stopped_on():
+    """vLLM returns the EOS token in `token_ids`; the backend drops it, as transformers' backend does."""
+    engines: list[FakeVLLMEngine] = []
+    backend = VLLMBackend(
+        "m",
+        engine_factory=_fake_vllm(engines, lambda ids, p: ("ab", "stop" if ids[0] else "length")),
+        sampling_params_factory=_Params,
+        device="cuda",
+    )
+    stopped, cut = backend.generate([[1], [0]], Sampling(2), seeds=[0, 0])
+    assert stopped.token_ids == [ord("a"), ord("b")] and stopped.finish_reason == "stop"
+    assert cut.token_ids == [ord("a"), ord("b")] and cut.finish_reason == "length"
+
+
+def test_max_model_len_below_the_long_context_is_refused(tmp_path, tokenizer):
+    from trl_longpo.data import DataConfigError
+
+    cfg = GenerationConfig(
+        model="m",
+        backend="vllm",
+        output=str(tmp_path / "out"),
+        context_length=4096,
+        max_model_len=2048,
+        chunk_tokens=64,
+    )
+    backend = VLLMBackend(
+        "m", engine_factory=_fake_vllm([]), sampling_params_factory=_Params, device="cuda", context_length=1024
+    )
+    with pytest.raises(DataConfigError, match="--max_model_len 2048 is below the long context .4096"):
+        generate_dataset(cfg, documents=["alpha beta " * 300], backend=backend, tokenizer=tokenizer)
+    assert not (tmp_path / "out").exists()

@@ -358,13 +358,20 @@ class VLLMBackend(GenerationBackend):
         for out in outputs:
             best = out.outputs[0]
             reason = "length" if best.finish_reason == "length" else "stop"
-            completions.append(Completion(best.text, list(best.token_ids), reason))
+            ids = list(best.token_ids)
+            if reason == "stop" and ids and not isinstance(getattr(best, "stop_reason", None), str):
+                ids = ids[:-1]  # vLLM keeps the EOS (or stop token) it stopped on; transformers' backend does not
+            completions.append(Completion(best.text, ids, reason))
         return completions
 
     def close(self) -> None:
         if self._engine is None:
             return
-        self._engine = None
+        engine, self._engine = self._engine, None
+        core = getattr(getattr(engine, "llm_engine", None), "engine_core", None)
+        if hasattr(core, "shutdown"):  # stop vLLM's engine process now; a traceback holding the engine delays gc
+            core.shutdown()
+        del engine, core
         gc.collect()
         try:  # best effort: vLLM does not fully free GPU memory in-process otherwise
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory

@@ -125,10 +125,17 @@ def _prepare(config: GenerationConfig, documents, backend: GenerationBackend | N
             "prompts would not fit. Lower --chunk_tokens (leave room for the instruction and max_new_tokens), or set "
             "--model_context_length if the config understates it."
         )
+    long_ctx = config.context_length or native_ctx
+    if config.backend == "vllm" and config.max_model_len and long_ctx and config.max_model_len < long_ctx:
+        raise DataConfigError(
+            f"--max_model_len {config.max_model_len} is below the long context ({long_ctx} tokens, --context_length "
+            "or the model's): vLLM would refuse long prompts that the filter keeps. Raise --max_model_len or set "
+            f"--context_length {config.max_model_len}."
+        )
     stats = RunStats()
     docs = load_documents(config, table, column, tokenizer, stats)
     per_doc = make_turns(docs, config, tokenizer, stats)
-    return _Inputs(out, tokenizer, native_ctx, config.context_length or native_ctx, docs, per_doc, stats)
+    return _Inputs(out, tokenizer, native_ctx, long_ctx, docs, per_doc, stats)
 
 
 def plan_generation(

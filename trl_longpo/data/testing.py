@@ -54,6 +54,7 @@ class FakeVLLMEngine:
     hf_overrides: Any = None
     kwargs: dict[str, Any] = field(default_factory=dict)
     calls: list[tuple[list[Any], list[Any]]] = field(default_factory=list)
+    eos_token_id: int = 2
 
     def generate(self, prompts: list[Any], sampling_params: Any = None, use_tqdm: bool = True) -> list[Any]:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
@@ -61,9 +62,8 @@ class FakeVLLMEngine:
         outputs = []
         for prompt, param in zip(prompts, params):
             text, reason = self.respond(prompt["prompt_token_ids"], param)
-            completion = SimpleNamespace(
-                index=0, text=text, token_ids=[ord(c) % 256 for c in text], finish_reason=reason
-            )
+            ids = [ord(c) % 256 for c in text] + ([self.eos_token_id] if reason == "stop" else [])
+            completion = SimpleNamespace(index=0, text=text, token_ids=ids, finish_reason=reason, stop_reason=None)
             outputs.append(
                 SimpleNamespace(prompt_token_ids=prompt["prompt_token_ids"], outputs=[completion], finished=True)
             )
