@@ -259,14 +259,8 @@ def test_vllm_completions_exclude_the_eos_they_stopped_on():
 def test_max_model_len_below_the_long_context_is_refused(tmp_path, tokenizer):
     from trl_longpo.data import DataConfigError
 
-    cfg = GenerationConfig(
-        model="m",
-        backend="vllm",
-        output=str(tmp_path / "out"),
-        context_length=4096,
-        max_model_len=2048,
-        chunk_tokens=64,
-    )
+    lengths = {"context_length": 4096, "max_model_len": 2048, "chunk_tokens": 64}
+    cfg = GenerationConfig(model="m", backend="vllm", output=str(tmp_path / "out"), **lengths)
     backend = VLLMBackend(
         "m", engine_factory=_fake_vllm([]), sampling_params_factory=_Params, device="cuda", context_length=1024
     )
