@@ -28,7 +28,8 @@ def _op(help_text: str) -> dict[str, Any]:
 
 @dataclass
 class GenerationConfig:
-    """Everything `generate_dataset` needs; defaults follow the paper and the official LongPO code."""
+    """Everything `generate_dataset` needs. Defaults are ours (README "The recipe" says where and why they differ from
+    the official code); `preset="official"` (`--preset official`) sets the official pipeline's data choices."""
 
     # --- inputs and outputs ---
     model: str = field(
