@@ -211,6 +211,9 @@ def test_official_preset_resolves_every_choice_and_flags_override_it(tmp_path, t
     assert recorded["drop_identical"] is True  # explicit, equal to the library default: still overrides the preset
     for name in set(official) - {"chunk_tokens", "min_chunk_tokens", "max_new_tokens", "drop_identical"}:
         assert recorded[name] == official[name], name
+    # from Python: preset_overrides keeps a library default the preset would change, also through dataclasses.replace
+    config = GenerationConfig(preset="official", drop_identical=True, preset_overrides=["drop_identical"])
+    assert config.drop_identical is True and dataclasses.replace(config, seed=1).drop_identical is True
 
 
 def test_rejected_answers_use_their_own_repetition_threshold(tmp_path, tokenizer):

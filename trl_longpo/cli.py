@@ -56,9 +56,8 @@ def _generate(argv: list[str]) -> int:
 
     parser = _parser(GenerationConfig, "trl-longpo generate", COMMANDS["generate"])
     namespace = parser.parse_args(argv)
-    config = GenerationConfig(**vars(namespace))  # applies --preset to the fields left at their defaults
-    for name in _explicit_options(parser, argv):  # a flag given on the command line overrides the preset
-        setattr(config, name, getattr(namespace, name))
+    namespace.preset_overrides = sorted(set(namespace.preset_overrides) | _explicit_options(parser, argv))
+    config = GenerationConfig(**vars(namespace))  # --preset fills the fields not given on the command line
     config.joiner = config.joiner.replace("\\n", "\n").replace("\\t", "\t")  # let the shell pass "\n\n"
     required = ("model", "documents") if config.dry_run else ("model", "documents", "output")
     missing = [name for name in required if not getattr(config, name)]

@@ -62,6 +62,14 @@ class GenerationConfig:
         },
     )
 
+    preset_overrides: list[str] = field(
+        default_factory=list,
+        metadata=_op(
+            "Fields that keep their given value under --preset even when it equals the library default (the CLI "
+            "fills it with the options typed on the command line)."
+        ),
+    )
+
     # --- documents ---
     min_doc_tokens: int = field(default=0, metadata={"help": "Drop documents shorter than this (paper: 64K)."})
     max_doc_tokens: int | None = field(
@@ -245,16 +253,16 @@ class GenerationConfig:
     )
 
     def __post_init__(self) -> None:
-        """Apply `preset` to every field still at its library default (the CLI re-applies explicit flags after)."""
+        """Apply `preset` to every field still at its library default and not named in `preset_overrides`."""
         if self.preset is None:
             return
         if self.preset not in PRESETS:
             raise DataConfigError(f"Unknown preset {self.preset!r}; available: {', '.join(PRESETS)}.")
-        defaults = {f.name: f for f in dataclasses.fields(self)}
+        fields = {f.name: f for f in dataclasses.fields(self)}
         for name, value in PRESETS[self.preset].items():
-            f = defaults[name]
+            f = fields[name]
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            if getattr(self, name) == default:
+            if name not in self.preset_overrides and getattr(self, name) == default:
                 setattr(self, name, copy.deepcopy(value))
 
     def validate(self) -> None:
