@@ -3,6 +3,7 @@
     trl-longpo generate --model M --documents DOCS --output OUT [--backend hf|vllm] [...]   build a LongPO dataset
     trl-longpo generate --model M --documents DOCS --dry_run [...]   its plan only (tokenizer + model config)
     trl-longpo demo [--output DIR] [--model tiny]        SmolLM2 -> data -> LongPOTrainer -> plot, offline on a CPU
+    trl-longpo evolve CONFIG.yaml                        self-evolution rounds: generate with round r-1's model, train
     trl-longpo merge OUT                                 join the shards of a --world_size run into OUT/dataset
     trl-longpo tiny-model DIR                            save the tiny offline model and tokenizer to DIR
     trl-longpo convert-gguf FILE DIR                     turn a GGUF checkpoint into a normal model directory
@@ -21,6 +22,7 @@ import sys
 COMMANDS = {
     "generate": "Generate a LongPO preference dataset from long documents (resumable).",
     "demo": "Offline end-to-end demo: SmolLM2 -> generated data -> LongPOTrainer -> plot (a few CPU minutes).",
+    "evolve": "Self-evolution rounds from a YAML: each round generates with the previous round's model, then trains.",
     "merge": "Merge the per-rank shards of a multi-process `generate` run.",
     "tiny-model": "Save the tiny offline model and tokenizer to a directory.",
     "convert-gguf": "Dequantise a GGUF checkpoint once into a normal model directory (loads like a hub model).",
@@ -77,6 +79,12 @@ def _demo(argv: list[str]) -> int:
     summary = run_demo(demo)
     print(json.dumps(summary, indent=2, default=str))
     return 0
+
+
+def _evolve(argv: list[str]) -> int:
+    from trl_longpo.evolve import main as evolve_main
+
+    return evolve_main(argv)
 
 
 def _merge(argv: list[str]) -> int:
@@ -140,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     handlers = {
         "generate": _generate,
         "demo": _demo,
+        "evolve": _evolve,
         "merge": _merge,
         "tiny-model": _tiny_model,
         "convert-gguf": _convert_gguf,
@@ -150,11 +159,16 @@ def main(argv: list[str] | None = None) -> int:
         lines = [f"  {name:<13} {text}" for name, text in COMMANDS.items()]
         print("usage: trl-longpo {" + ",".join(COMMANDS) + "} [options]\n\ncommands:\n" + "\n".join(lines))
         return 0 if argv and argv[0] in {"-h", "--help"} else 2
+    from trl_longpo.checkpoints import CheckpointError
     from trl_longpo.data import DataConfigError, DocumentsError, OutputDirError, SettingsMismatchError
+    from trl_longpo.evolve import EvolveConfigError
     from trl_longpo.gguf import GGUFError
     from trl_longpo.tokenization import LongPODataError
 
-    expected = (DataConfigError, DocumentsError, SettingsMismatchError, OutputDirError, GGUFError, LongPODataError)
+    expected = (
+        DataConfigError, DocumentsError, SettingsMismatchError, OutputDirError, GGUFError, LongPODataError,
+        EvolveConfigError, CheckpointError,
+    )
     try:
         return handlers[argv[0]](argv[1:])
     except (*expected, OSError) as exc:  # OSError: an unwritable or missing path; a message, not a traceback
