@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -182,3 +183,53 @@ def test_config_errors_name_the_field(tmp_path):
     raw["rounds"] = [{"training": {"learning_rat": 1}}]
     with pytest.raises(evolve.EvolveConfigError, match=r"rounds\[1\].training: unknown field"):
         evolve.evolve_config_from_dict(raw)
+
+
+def test_shipped_configs_resolve_every_round():
+    """The shipped YAMLs parse, and every round resolves (training YAMLs read, GenerationConfig built)."""
+    configs = TINY_CONFIG.parent
+    mistral = evolve.load_evolve_config(configs / "evolve_mistral_512k.yaml")
+    rounds = [evolve.resolve_round(mistral, r) for r in (1, 2, 3)]
+    assert [r.training["max_length"] for r in rounds] == [131072, 262144, 524288]
+    assert [r.generation.context_length for r in rounds] == [131072, 262144, 524288]
+    assert rounds[0].training["policy_rope_theta"] == 1e7 and rounds[0].generation.long_rope_theta == 1e7
+    assert rounds[2].model == "outputs/evolve-mistral-512k/round-2/model" and rounds[2].reference == rounds[2].model
+    assert rounds[0].training["model_init_kwargs"]["dtype"] == "bfloat16"
+    assert rounds[1].launch.startswith("srun") and "model_name_or_path" not in rounds[1].training
+    tiny = evolve.load_evolve_config(TINY_CONFIG)
+    assert len(tiny.rounds) == 2 and evolve.resolve_round(tiny, 2).launch == evolve.IN_PROCESS
+
+
+def _round_two_only(two_rounds, base_model, tmp_path, **round2) -> Path:
+    """A run whose round 1 is the fixture's finished round 1, with round 2 changed by `round2`."""
+    output = tmp_path / "run"
+    shutil.copytree(two_rounds["output"] / "round-1", output / "round-1")
+    raw = small_config(base_model, output)
+    raw["rounds"][1].update(round2)
+    config_file = tmp_path / "evolve.yaml"
+    config_file.write_text(yaml.safe_dump(raw))
+    return config_file
+
+
+def test_reference_base_option(two_rounds, base_model, tmp_path, monkeypatch):
+    config_file = _round_two_only(two_rounds, base_model, tmp_path, reference="base")
+    spies = Spies(monkeypatch)
+    evolve.run_evolve(evolve.load_evolve_config(config_file), log=lambda _: None)
+    round1 = saved_digest(two_rounds["output"] / "round-1" / "model")
+    assert spies.trainers == [{"policy": round1, "reference": saved_digest(base_model)}]
+
+
+def test_launch_command_trains_the_round_in_another_process(two_rounds, base_model, tmp_path):
+    config_file = _round_two_only(two_rounds, base_model, tmp_path, launch=shlex.quote(sys.executable))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "trl_longpo.cli", "evolve", str(config_file)], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"-m trl_longpo.evolve --train_round {tmp_path / 'run' / 'round-2'}" in run.stdout
+    done = json.loads((tmp_path / "run" / "round-2" / "done.json").read_text())
+    assert done["steps"] == 4
+    # the launched process trained the same round as the in-process run
+    assert saved_digest(tmp_path / "run" / "round-2" / "model") == saved_digest(
+        two_rounds["output"] / "round-2" / "model"
+    )

@@ -36,6 +36,9 @@ ROUND_FIELDS = ("min_doc_tokens", "max_doc_tokens", "chunk_tokens", "context_len
 TRAINING_OPERATIONAL = frozenset(
     {"logging_steps", "report_to", "disable_tqdm", "dataloader_num_workers", "save_total_limit", "logging_dir"}
 )
+# Keys of a `train_mistral.py` YAML that evolve sets itself (per round), and model-loading keys it passes on
+SET_BY_EVOLVE = frozenset({"model_name_or_path", "dataset_name", "output_dir", "build_tiny_model", "build_toy_dataset"})
+MODEL_INIT_KEYS = {"dtype": "dtype", "attn_implementation": "attn_implementation", "model_revision": "revision"}
 SETTINGS_FILE = "settings.json"
 TRAIN_FILE = "train.json"
 DONE_FILE = "done.json"
@@ -155,8 +158,14 @@ def _training_yaml(path: str | None, where: str) -> dict[str, Any]:
     if not Path(path).is_file():
         raise EvolveConfigError(f"{where}: training_config {path!r} is not a file")
     values = yaml.safe_load(Path(path).read_text()) or {}
-    _check_keys(values, _fields(LongPOConfig) - {"output_dir"}, f"{where}: training_config {path}",
-                "a LongPOConfig YAML holds LongPOConfig fields only (the model and data are set by evolve)")
+    # A `train_mistral.py` YAML also names the model, data and output: evolve sets those per round; the model's
+    # loading options (trl.ModelConfig) become `model_init_kwargs`
+    values = {k: v for k, v in values.items() if k not in SET_BY_EVOLVE}
+    init = {MODEL_INIT_KEYS[k]: values.pop(k) for k in list(MODEL_INIT_KEYS) if k in values}
+    if init:
+        values["model_init_kwargs"] = {**init, **(values.get("model_init_kwargs") or {})}
+    _check_keys(values, _fields(LongPOConfig), f"{where}: training_config {path}",
+                f"a LongPOConfig YAML (plus {sorted(SET_BY_EVOLVE | set(MODEL_INIT_KEYS))})")
     return values
 
 
@@ -370,6 +379,7 @@ def run_evolve(
         else:
             info = _launch(resolved)
         resumed = f", resumed from {Path(info['resumed_from']).name}" if info.get("resumed_from") else ""
+        resumed += f", launched: {info['command']}" if info.get("command") else ""
         log(f"{head} train: from {resolved.model}, reference {reference}, {info.get('steps')} steps{resumed} -> "
             f"{resolved.model_dir} ({time.perf_counter() - start:.0f}s)")
         summary = {"round": index, "model": str(resolved.model_dir), "input_model": resolved.model,
