@@ -1,5 +1,6 @@
 """The self-evolution experiment (examples/self_evolution_experiment.py) runs end to end in a tiny setting: every arm
-trains and every metric is computed. The outcome (which arm wins) is never checked here; see the README."""
+and both `evolve` rounds train and every metric (retrieval at every length, the list skill, drift, KL) is computed.
+The outcome (which arm wins) is never checked here; see the README."""
 
 import importlib.util
 import math
@@ -24,14 +25,14 @@ def test_every_arm_trains_and_every_metric_is_computed(tmp_path):
     experiment = _load()
     out = tmp_path / "evo"
     result = experiment.main(
-        ["--quick", "--output_dir", str(out), "--base_steps", "20", "--num_documents", "24",
-         "--probes_per_length", "2", "--retention_samples", "2", "--epochs", "1", "--batch_size", "4",
-         "--answer_temperature", "1.0"]
+        ["--quick", "--output_dir", str(out), "--base_steps", "150", "--base_curriculum_steps", "100",
+         "--num_documents", "24", "--num_documents_round2", "8", "--probes_per_length", "2",
+         "--retention_samples", "2", "--epochs", "1", "--batch_size", "4", "--answer_temperature", "1.0"]
     )
     lengths = result["lengths"]
-    assert lengths == [64, 128, 256, 512]
-    assert set(result["runs"]) == {"base", *experiment.ARMS}
-    expected = {f"acc@{n}" for n in lengths} | {"logp_drift", "kl"}
+    assert lengths == [64, 128, 256, 512, 1024, 2048]
+    assert set(result["runs"]) == {"base", *experiment.ALL_ARMS}
+    expected = {f"acc@{n}" for n in lengths} | {"list_skill", "logp_drift", "kl"}
     for arm, runs in result["runs"].items():
         assert len(runs) == (1 if arm == "base" else len(result["settings"]["seeds"]))
         for metrics in runs:
@@ -40,6 +41,9 @@ def test_every_arm_trains_and_every_metric_is_computed(tmp_path):
             assert all(0.0 <= metrics[f"acc@{n}"] <= 1.0 for n in lengths)
     for name, info in result["training"].items():
         assert info["steps"] > 0 and math.isfinite(info["train_loss"]), name
+    # round 2 is evolve's second round: generated with, and trained from, round 1's model
+    summary = result["rounds"]["seed0"]
+    assert summary[1]["input_model"] == summary[0]["model"] and summary[1]["reference"] == summary[0]["model"]
     assert result["train_rows"] > 0 and result["held_out_rows"] > 0
     for name in ("results.json", "results.md", "self_evolution.png"):
         assert (out / name).stat().st_size > 0
