@@ -550,7 +550,7 @@ class Settings:
     base_lr: float = 2e-3
     base_list_share: float = 0.25  # share of the base's training examples that are the list skill
     num_documents: int = 600
-    num_documents_round2: int = 300
+    num_documents_round2: int = 150
     answer_tokens: int = 3
     answer_temperature: float = 0.0  # greedy answers; the CI test samples (an untrained base answers identically)
     batch_size: int = 8
@@ -563,7 +563,7 @@ class Settings:
     arms: list[str] = field(default_factory=lambda: list(ALL_ARMS))
 
 
-QUICK = dict(seeds=[0], num_documents=300, num_documents_round2=120, probes_per_length=32, retention_samples=16,
+QUICK = dict(seeds=[0], num_documents=300, num_documents_round2=80, probes_per_length=32, retention_samples=16,
              epochs=1.0)
 
 

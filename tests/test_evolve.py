@@ -108,9 +108,10 @@ def test_two_rounds_each_generates_with_and_trains_from_the_previous_model(two_r
     assert settings["model"] == settings["reference"] == "round-1/model"
     lines = two_rounds["lines"]
     assert [line.split(":")[0] for line in lines] == [
-        "[evolve] round 1/2 generate", "[evolve] round 1/2 train", "[evolve] round 2/2 generate",
-        "[evolve] round 2/2 train",
+        "[evolve] round 1/2 plan", "[evolve] round 1/2 generate", "[evolve] round 1/2 train",
+        "[evolve] round 2/2 plan", "[evolve] round 2/2 generate", "[evolve] round 2/2 train",
     ]
+    assert lines[0].startswith("[evolve] round 1/2 plan: Plan: 3 of ")  # the dry run's plan, before the model loads
 
 
 def test_rerun_skips_finished_rounds(two_rounds, base_model, monkeypatch):

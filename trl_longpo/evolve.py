@@ -361,7 +361,7 @@ def run_evolve(
 
         start = time.perf_counter()
         resolved.generation.progress = False
-        result = generate_dataset(resolved.generation)
+        result = generate_dataset(resolved.generation, on_plan=lambda plan: log(f"{head} plan: {plan.format()}"))
         log(f"{head} generate: model {resolved.model}, {len(result.dataset)} rows -> {resolved.data_dir} "
             f"({time.perf_counter() - start:.0f}s) | {_stage_counts(result.stats)}")
         if len(result.dataset) == 0:

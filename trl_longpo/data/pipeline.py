@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,7 @@ def generate_dataset(
     backend: GenerationBackend | None = None,
     tokenizer: Any = None,
     dry_run: bool | None = None,
+    on_plan: Callable[[GenerationPlan], None] | None = None,
 ) -> GenerationResult | GenerationPlan:
     """Build (or resume building) a LongPO dataset in `config.output`; see the module docstring.
 
@@ -166,7 +168,8 @@ def generate_dataset(
     tokenizer loaded from `config.tokenizer or config.model` (useful in notebooks and tests). Before any model is
     loaded the run's plan (`plan_generation`) is printed; a plan with no rows raises `EmptyPlanError` (naming the
     limiting option and a value that works). With `dry_run` (default: `config.dry_run`) the plan is returned and
-    nothing else happens: no weights, no engine, no output directory.
+    nothing else happens: no weights, no engine, no output directory. `on_plan(plan)` is called with the plan
+    before it is checked (`trl-longpo evolve` logs it as the round's first line).
     """
     dry_run = config.dry_run if dry_run is None else dry_run
     if not dry_run and not config.output:
@@ -178,6 +181,8 @@ def generate_dataset(
     plan = plan_turns(docs, per_doc, config, tokenizer, native_ctx, long_ctx, stats)
     if config.progress or dry_run:
         print(plan.format(), flush=True)
+    if on_plan is not None:
+        on_plan(plan)
     plan.check()
     if dry_run:
         return plan
