@@ -113,8 +113,8 @@ def test_chunk_tokens_larger_than_context(tmp_path, tokenizer):
 
 def test_invalid_settings_are_listed(tmp_path):
     with pytest.raises(DataConfigError) as info:
-        config(tmp_path, rank=2, world_size=2, min_turns=5, vllm_kwargs="[1]").validate()
-    for text in ("rank must lie", "min_turns", "vllm_kwargs"):
+        config(tmp_path, rank=2, world_size=2, min_turns=5, vllm_kwargs="[1]", kv_cache_gib=0).validate()
+    for text in ("rank must lie", "min_turns", "vllm_kwargs", "kv_cache_gib must be positive"):
         assert text in str(info.value)
 
 
