@@ -1,4 +1,4 @@
-"""Make ring-flash-attn's kernels importable everywhere: real flash-attn on CUDA, the pure-PyTorch stand-in elsewhere.
+"""Make ring-flash-attn's kernels importable everywhere: real flash-attn on CUDA, the CPU stand-in elsewhere.
 
 Two problems are solved here, in this order:
 
@@ -52,7 +52,7 @@ _INTERFACE_FUNCTIONS = (
 
 
 def _stand_in_module(name: str, is_package: bool) -> types.ModuleType:
-    module = types.ModuleType(name, "trl_longpo's pure-PyTorch stand-in for flash-attn (see trl_longpo.attention)")
+    module = types.ModuleType(name, "trl_longpo's CPU stand-in for flash-attn (PyTorch's CPU kernels; see trl_longpo.attention)")
     module.__spec__ = importlib.machinery.ModuleSpec(name, loader=None, is_package=is_package)
     if is_package:
         module.__path__ = []
