@@ -4,9 +4,12 @@
     python benchmarks/longpo_vs_dpo.py --json /tmp/longpo_vs_dpo.json  # long prompts 2K, 4K, 8K, 16K (~15-20 min)
     python benchmarks/longpo_vs_dpo.py --quick                          # smoke run (< 1 min)
     python benchmarks/longpo_vs_dpo.py --lengths 4K,8K --reps 5,3 --answer 128 --layers 2
+    python benchmarks/longpo_vs_dpo.py --model smollm2 --lengths 2K,4K --reps 1 --warmup 0  # a real depth and vocab
 
 Model: a randomly initialised Mistral-architecture model (`trl_longpo.tiny.build_tiny_model`, default hidden 256,
-MLP 512, 1 layer, 8 heads / 2 kv heads, vocab 1024, fp32, sdpa) and the offline tiny tokenizer. One conversational
+MLP 512, 1 layer, 8 heads / 2 kv heads, vocab 1024, fp32, sdpa) and the offline tiny tokenizer; `--model smollm2`:
+SmolLM2-135M's shapes instead (Llama, 30 layers, hidden 576, MLP 1536, 9 heads / 3 kv heads, vocab 49,152, tied
+embeddings; random weights from its config, nothing downloaded; same tokenizer, whose ids fit the vocab). One conversational
 row per length, batch 1, exact token counts as both trainers tokenize them (chat template and EOS included): long
 prompt L tokens, short prompt --short tokens, chosen and rejected --answer tokens each (equal lengths: no padding,
 so SDPA keeps its causal fast path). Every arm starts from copies of the same weights:
@@ -25,12 +28,14 @@ their prompt + chosen + rejected.
 
 Step = wall seconds of `trainer.training_step(trainer.model, batch)` (forward + backward, + the reference forward
 when not precomputed; no optimizer step), gradients reset outside the timed region. One warm-up per arm, then
---reps rounds, each running every arm once in an order rotated by one per round; medians over the clean samples
+--reps rounds (--warmup 0 drops the warm-up: a SmolLM2 step is minutes, its first-step overhead small), each
+running every arm once in an order rotated by one per round; medians over the clean samples
 (the process got >= 70% of its threads' CPU; contended rounds are replaced by extra ones, up to 2 x --reps), or with
 `--clock cpu` medians of process CPU seconds (with `--threads 1` the time the step's work took on a core, whatever else
 the machine runs; on an idle machine it equals the wall time). Peak
-memory = peak RSS during one more step per arm minus the RSS right before it (VmHWM reset via /proc/self/clear_refs
-after gc + malloc_trim): saved activations + the reference forward's buffers + backward buffers + gradients.
+memory = peak RSS during each arm's step of the last round minus the RSS right before it (VmHWM reset via
+/proc/self/clear_refs after gc + malloc_trim): saved activations + the reference forward's buffers + backward buffers
++ gradients.
 Tokens/s = the pair's distinct tokens (prompt + chosen + rejected) per step second. CPU only: no GPU numbers.
 """
 
@@ -59,6 +64,9 @@ if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 MIB = 1 << 20
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=8192, rope_theta=100000.0,
+                    tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=2)  # its config.json
 ARMS = ("dpo", "dpo+pre", "unshared", "shared", "shared+pre", "floor")
 TARGETS = (  # (label, numerator arm, denominator arm, comparison, bound) at the longest length
     ("step throughput ≥ 2.5× DPOTrainer, reference on the fly", "dpo", "shared", ">=", 2.5),
@@ -128,6 +136,8 @@ def build_arms(base_model, tokenizer, row: dict, workdir: str) -> dict:
     dpo_row = {k: row[k] for k in ("prompt", "chosen", "rejected")}
     arms, batches = {}, {}
     for arm, (trainer_cls, config_cls, extra, precompute) in specs.items():
+        if arm not in ARMS:  # --arms
+            continue
         trainer = trainer_cls(
             model=copy.deepcopy(base_model),
             ref_model=None if precompute else copy.deepcopy(base_model),  # DPOTrainer cannot reload in-memory models
@@ -142,7 +152,7 @@ def build_arms(base_model, tokenizer, row: dict, workdir: str) -> dict:
         arms[arm] = (lambda t=trainer, b=batch: t.training_step(t.model, b), trainer.model)
 
     # The same policy tokens everywhere: [prompt + chosen; prompt + rejected], and the floor's prompt+chosen+rejected
-    ids, mask = batches["dpo"]["input_ids"], batches["dpo"]["completion_mask"]
+    ids, mask = next(iter(batches.values()))["input_ids"], next(iter(batches.values()))["completion_mask"]
     for arm, batch in batches.items():
         if not (torch.equal(batch["input_ids"], ids) and torch.equal(batch["completion_mask"], mask)):
             raise AssertionError(f"{arm}: policy inputs differ from DPOTrainer's")
@@ -193,17 +203,19 @@ def run_length(base_model, tokenizer, long_tokens: int, reps: int, args) -> dict
         gc.collect()
         gc.freeze()  # what is alive now stays alive: keeps the gc.collect() before each step cheap
         try:
-            for fn, model in arms.values():  # warm-up
-                measure(fn, model)
+            for _ in range(args.warmup):
+                for fn, model in arms.values():
+                    measure(fn, model)
             samples, rounds = {arm: [] for arm in ARMS}, 0
-            # Interleaved rounds, order rotated by one per round; extra rounds (up to 3 x reps) replace contended ones
+            # Interleaved rounds, order rotated by one per round; extra rounds (up to 2 x reps) replace contended ones;
+            # round `reps` also records each step's peak memory
             while rounds < reps or (
                 args.clock == "wall" and rounds < 2 * reps and min(len(clean(v)) for v in samples.values()) < reps
             ):
                 for arm in ARMS[rounds % len(ARMS) :] + ARMS[: rounds % len(ARMS)]:
-                    samples[arm].append(measure(*arms[arm]))
+                    samples[arm].append(measure(*arms[arm], memory=rounds == reps - 1))
                 rounds += 1
-            memory = {arm: measure(*arms[arm], memory=True)["rss_bytes"] for arm in ARMS}
+            memory = {arm: next(s["rss_bytes"] for s in samples[arm] if "rss_bytes" in s) for arm in ARMS}
         finally:
             del arms, built["arms"]
             gc.unfreeze()
@@ -237,6 +249,7 @@ def tables(cells: list[dict], clock: str) -> str:
             ("mem shared / DPO", "mem:shared", "mem:dpo"),
             ("mem shared pre / DPO pre", "mem:shared+pre", "mem:dpo+pre"),
             ("mem unshared / shared", "mem:unshared", "mem:shared")]  # fmt: skip
+    cols = [c for c in cols if {c[1].removeprefix("mem:"), c[2].removeprefix("mem:")} <= set(ARMS)]
     lines += ["", "Ratios (step-time ratios A / B = throughput of B over A)", "",
               "| L_long | " + " | ".join(c[0] for c in cols) + " |", "|" + "---:|" * (1 + len(cols))]  # fmt: skip
     for c in cells:
@@ -247,6 +260,8 @@ def tables(cells: list[dict], clock: str) -> str:
 def target_lines(cell: dict) -> tuple[list[str], bool]:
     lines, ok_all = [], True
     for label, num, den, op, bound in TARGETS:
+        if not {num.removeprefix("mem:"), den.removeprefix("mem:")} <= set(ARMS):
+            continue
         value = ratio(cell, num, den)
         ok = value >= bound if op == ">=" else value <= bound
         ok_all &= ok
@@ -255,13 +270,18 @@ def target_lines(cell: dict) -> tuple[list[str], bool]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global ARMS
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", default="2K,4K,8K,16K", help="comma-separated long-prompt tokens (2K = 2048)")
     parser.add_argument("--reps", default="5,5,3,3", help="timed rounds: one number, or one per length")
     parser.add_argument("--short", default="256", help="short-prompt tokens (< every length)")
     parser.add_argument("--answer", type=int, default=192, help="tokens of each answer (chosen, rejected)")
+    parser.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
+                        help="tiny (--hidden/--layers) or SmolLM2-135M's shapes (random weights)")  # fmt: skip
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the timed ones")
+    parser.add_argument("--arms", default=",".join(ARMS), help="comma-separated subset of the arms (shared, dpo needed)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's default)")
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="step time: wall seconds, or process CPU seconds (with --threads 1: robust to a busy "
@@ -272,6 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     if "--quick" in argv:  # smaller defaults; flags given explicitly still win
         parser.set_defaults(lengths="512,1K", reps="2", short="128", answer=64)
     args = parser.parse_args(argv)
+    ARMS = tuple(a for a in ARMS if a in args.arms.split(","))
+    if not {"shared", "dpo"} <= set(ARMS):
+        parser.error(f"--arms must include shared and dpo, got {args.arms}")
     lengths = [parse_length(x) for x in args.lengths.split(",")]
     reps = [int(x) for x in args.reps.split(",")]
     reps = reps * len(lengths) if len(reps) == 1 else reps
@@ -296,12 +319,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     started = time.monotonic()
     tokenizer = build_tiny_tokenizer(1024)
-    model = build_tiny_model(vocab_size=1024, hidden_size=args.hidden, num_layers=args.layers, num_heads=8,
-                             num_kv_heads=2, seed=0, attn_implementation="sdpa").float()  # fmt: skip
-    print(f"# longpo_vs_dpo: Mistral-architecture tiny model, hidden {args.hidden}, MLP "
-          f"{model.config.intermediate_size}, {args.layers} layer(s), 8 heads / 2 kv heads, vocab 1024 "
-          f"({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), fp32, sdpa; batch 1, short prompt "
-          f"{args.short}, answers {args.answer} tokens each; LongPOConfig defaults; 1 warm-up + rounds {reps}, "
+    if args.model == "smollm2":
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMOLLM2_135M, attn_implementation="sdpa"))
+    else:
+        model = build_tiny_model(vocab_size=1024, hidden_size=args.hidden, num_layers=args.layers, num_heads=8,
+                                 num_kv_heads=2, seed=0, attn_implementation="sdpa").float()  # fmt: skip
+    c = model.config
+    print(f"# longpo_vs_dpo: {'SmolLM2-135M shapes' if args.model == 'smollm2' else 'tiny model'} "
+          f"({type(model).__name__}, random weights), hidden {c.hidden_size}, MLP {c.intermediate_size}, "
+          f"{c.num_hidden_layers} layer(s), {c.num_attention_heads} heads / {c.num_key_value_heads} kv heads, vocab "
+          f"{c.vocab_size} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f} M parameters), fp32, sdpa; batch 1, "
+          f"short prompt {args.short}, answers {args.answer} tokens each; LongPOConfig defaults; {args.warmup} warm-up "
+          f"+ rounds {reps}, "
           f"{args.clock} clock; torch "
           f"{torch.__version__} ({torch.get_num_threads()} threads), transformers {transformers.__version__}, trl "
           f"{trl.__version__}", flush=True)  # fmt: skip

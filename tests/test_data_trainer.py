@@ -109,7 +109,9 @@ def test_demo_command(tmp_path, capsys):
     assert code == 0
     printed = capsys.readouterr().out
     summary = json.loads(printed[printed.rindex("\n{\n") :])
-    assert summary["rows"] >= 1 and set(summary["timings"]) == {"build_model_s", "generate_s", "train_s"}
+    timings = summary["timings"]
+    assert summary["rows"] >= 1 and set(timings) == {"build_model_s", "generate_s", "train_s", "total_s", "cpu_s"}
+    assert timings["total_s"] >= timings["generate_s"] + timings["train_s"] and timings["cpu_s"] > 0
     assert (tmp_path / "demo" / "trained" / "config.json").exists()
     assert (tmp_path / "demo" / "data" / "stats.md").exists()
     assert len(datasets.load_from_disk(str(tmp_path / "demo" / "data" / "dataset"))) == summary["rows"]

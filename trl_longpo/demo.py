@@ -42,9 +42,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         learning_rate=1e-4, probe_lengths=[256, 512], probes_per_length=2, probe_new_tokens=8,
     ),
     "real": dict(
-        num_documents=10, doc_chars=2500, max_doc_tokens=1536, chunk_tokens=192, turns_per_doc=1, max_new_tokens=48,
-        train_steps=10,
-        learning_rate=2e-5, probe_lengths=[256, 1024, 2048], probes_per_length=4, probe_new_tokens=24,
+        num_documents=6, doc_chars=2500, max_doc_tokens=1024, chunk_tokens=192, turns_per_doc=1, max_new_tokens=32,
+        train_steps=4,
+        learning_rate=2e-5, probe_lengths=[256, 1024], probes_per_length=2, probe_new_tokens=24,
     ),
 }
 
@@ -59,24 +59,24 @@ class DemoConfig:
         },
     )
     output: str = field(default="outputs/demo", metadata={"help": "Directory for the model, data and trained model."})
-    num_documents: int | None = field(default=None, metadata={"help": "Documents to generate from (tiny 16, else 10)."})
+    num_documents: int | None = field(default=None, metadata={"help": "Documents to generate from (tiny 16, else 6)."})
     doc_chars: int | None = field(
         default=None, metadata={"help": "Characters per built-in document (tiny 6000 ~2K tokens, else 2500 ~1.2K)."}
     )
     max_doc_tokens: int | None = field(
-        default=None, metadata={"help": "Longest document (long prompt) in tokens (tiny 4096, else 1536)."}
+        default=None, metadata={"help": "Longest document (long prompt) in tokens (tiny 4096, else 1024)."}
     )
     chunk_tokens: int | None = field(default=None, metadata={"help": "Tokens per short chunk (tiny 256, else 192)."})
     turns_per_doc: int | None = field(default=None, metadata={"help": "Turns (chunks) per document (tiny 2, else 1)."})
-    max_new_tokens: int | None = field(default=None, metadata={"help": "Answer tokens (tiny 16, else 48)."})
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Answer tokens (tiny 16, else 32)."})
     train_steps: int | None = field(
-        default=None, metadata={"help": "LongPOTrainer optimisation steps; 0 skips training (tiny 8, else 10)."}
+        default=None, metadata={"help": "LongPOTrainer optimisation steps; 0 skips training (tiny 8, else 4)."}
     )
     learning_rate: float | None = field(default=None, metadata={"help": "Learning rate (tiny 1e-4, else 2e-5)."})
     probe_lengths: list[int] | None = field(
-        default=None, metadata={"help": "Retention probe prompt lengths in tokens (tiny 256 512, else 256 1024 2048)."}
+        default=None, metadata={"help": "Retention probe prompt lengths in tokens (tiny 256 512, else 256 1024)."}
     )
-    probes_per_length: int | None = field(default=None, metadata={"help": "Retrieval probes per length (tiny 2, else 4)."})
+    probes_per_length: int | None = field(default=None, metadata={"help": "Retrieval probes per length (tiny 2, else 2)."})
     probe_new_tokens: int | None = field(
         default=None,
         metadata={"help": "Greedy tokens per probe answer (tiny 8, else 24: SmolLM2 restates the question first)."},
@@ -258,6 +258,7 @@ def run_demo(demo: DemoConfig | None = None) -> dict[str, Any]:
     demo = demo or DemoConfig()
     out = Path(demo.output)
     timings: dict[str, float] = {}
+    began, began_cpu = time.perf_counter(), time.process_time()
     start = time.perf_counter()
     model_dir = prepare_model(demo)
     timings["build_model_s"] = time.perf_counter() - start
@@ -296,5 +297,7 @@ def run_demo(demo: DemoConfig | None = None) -> dict[str, Any]:
             print(f"[demo] training curves: {summary['plot']}")
         except ImportError as exc:  # matplotlib is an optional extra
             print(f"[demo] no plot: {exc}")
+    # wall seconds per stage, and in all; cpu_s: this process's CPU seconds (all threads) in all
+    timings.update(total_s=time.perf_counter() - began, cpu_s=time.process_time() - began_cpu)
     summary["timings"] = {k: round(v, 1) for k, v in timings.items()}
     return summary
