@@ -8,10 +8,10 @@ from dataclasses import dataclass, field
 
 from trl import DPOConfig
 
+from .attention.ring import RING_ATTN_IMPLS  # one home: the ring plans that implement them
 from .inherited import inherited_field_problems
 
 NLL_SCOPES = ("sequence", "completion")
-RING_ATTN_IMPLS = ("zigzag", "llama3")
 SP_REFERENCE_MODES = ("ring", "local")
 TRUNCATION_MODES = ("error", "drop")
 FINITE_FIELDS = ("beta", "dpo_weight", "nll_weight", "policy_rope_theta", "learning_rate")
