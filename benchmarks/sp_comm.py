@@ -112,8 +112,9 @@ def _plan(layout: dict, shape: ModelShape, tokens: int, mesh):
 
     from trl_longpo.attention.ring import make_varlen_plan
     from trl_longpo.attention.tree import Tree, TreeAttentionPlan, plan_for_trees
+    from trl_longpo.sequence_parallel.sharding import local_ranges
     from trl_longpo.sequence_parallel.tree import local_tree_blocks
-    from trl_longpo.sequence_parallel.ulysses import UlyssesPlan, ulysses_local_ranges
+    from trl_longpo.sequence_parallel.ulysses import UlyssesPlan
 
     sp, u, rank = mesh["sp"], layout["ulysses"], mesh["rank"]
     ring, ring_rank = sp // u, rank // u
@@ -121,7 +122,7 @@ def _plan(layout: dict, shape: ModelShape, tokens: int, mesh):
     answer = tokens // 8
     trees = [Tree(tokens - 2 * answer, (answer, answer))] if layout["shared"] else [Tree(tokens)]
     segments = [tokens]
-    ranges = ulysses_local_ranges(segments, rank, sp, u, impl)
+    ranges = local_ranges(segments, rank, sp, impl, u)
     local = torch.cat([torch.arange(a, b) for a, b in ranges])
     if layout["shared"]:
         if ring == 1:

@@ -31,7 +31,13 @@ SCENARIOS = {
     "llama3_precomputed_reference": ("llama3", {"precompute_ref_log_probs": True}),
     "zigzag_unshared": ("zigzag", {"share_prompt": False}),
     "llama3_unshared": ("llama3", {"share_prompt": False}),
+    # Ulysses degree 2: pure Ulysses at sp 2, hybrid 2 x 2 (zigzag ring across) at sp 4, dp 2 x Ulysses 2
+    "ulysses": ("zigzag", {"ulysses_degree": 2}),
+    "ulysses_unshared": ("zigzag", {"ulysses_degree": 2, "share_prompt": False}),
+    "ulysses_qwen_ratio": ("llama3", {"ulysses_degree": 2}),
 }
+# Qwen2.5-7B's head ratio, 28 query / 4 KV heads (head_dim 8): what caps Ulysses in LongPO's own tracker
+MODEL_KWARGS = {"ulysses_qwen_ratio": {"hidden_size": 224, "num_heads": 28, "num_kv_heads": 4}}
 TOKEN_METRICS = ("entropy", "mean_token_accuracy", "num_tokens")
 LOSS_METRICS = (
     "longpo_loss",
@@ -101,7 +107,7 @@ def _worker(
     for name, (impl, extra) in SCENARIOS.items():
         try:
             trainer = LongPOTrainer(
-                model=wide_tiny_model(),
+                model=wide_tiny_model(**MODEL_KWARGS.get(name, {})),
                 args=_args(Path(outdir) / name, sequence_parallel_size=sp_size, ring_attn_impl=impl, **extra),
                 train_dataset=dataset,
                 processing_class=tokenizer,
@@ -144,13 +150,13 @@ def _worker(
     dist.destroy_process_group()
 
 
-def _unsplit(tokenizer, dp_size: int, tmp_path) -> tuple[list[float], dict, dict]:
+def _unsplit(tokenizer, dp_size: int, tmp_path, **model_kwargs) -> tuple[list[float], dict, dict]:
     """Per dp group: loss, metrics and gradients of the unsplit trainer; gradients averaged as DDP would."""
     from trl_longpo import LongPOTrainer
 
     dataset = Dataset.from_list(_rows(dp_size))
     trainer = LongPOTrainer(
-        model=wide_tiny_model(),
+        model=wide_tiny_model(**model_kwargs),
         args=_args(tmp_path / "unsplit", share_prompt=False),
         train_dataset=dataset,
         processing_class=tokenizer,
@@ -200,8 +206,11 @@ def test_trainer_split_equals_unsplit(tokenizer, tmp_path, world_size, sp_size):
     per_rank = launch(
         _worker, world_size, tmp_path, args=(sp_size, str(tmp_path / "tok"), str(tmp_path / "data")), timeout=300
     )
-    losses, metrics, grads = _unsplit(tokenizer, dp_size, tmp_path)
+    unsplit = {None: _unsplit(tokenizer, dp_size, tmp_path)}
     for name in SCENARIOS:
+        if name in MODEL_KWARGS:
+            unsplit[name] = _unsplit(tokenizer, dp_size, tmp_path / name, **MODEL_KWARGS[name])
+        losses, metrics, grads = unsplit[name if name in MODEL_KWARGS else None]
         for rank, result in enumerate(per_rank):
             r = result[name]
             assert "error" not in r, f"{name} rank {rank}:\n{r['error']}"

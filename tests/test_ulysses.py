@@ -78,7 +78,8 @@ def _plan_parity(rank: int, world_size: int, group) -> dict:
     whole packed sequence: outputs and q/k/v gradients of this rank's tokens."""
     from trl_longpo.attention.ring import make_varlen_plan
     from trl_longpo.attention.tree import Tree, plan_for_trees
-    from trl_longpo.sequence_parallel.ulysses import UlyssesPlan, ulysses_local_ranges
+    from trl_longpo.sequence_parallel.sharding import local_ranges
+    from trl_longpo.sequence_parallel.ulysses import UlyssesPlan
 
     errors = {}
     segments = [12, 16]  # two rows, padded to multiples of 2 x sp
@@ -92,7 +93,7 @@ def _plan_parity(rank: int, world_size: int, group) -> dict:
         q, k, v = (torch.randn(28, h, DIM, dtype=torch.float64, generator=g, requires_grad=True) for h in (4, 2, 2))
         weight = torch.randn(28, 4, DIM, dtype=torch.float64, generator=g)
         (whole.attend(q, k, v, softmax_scale=0.3, group=None, heads_k_stride=1) * weight).sum().backward()
-        mine = torch.cat([torch.arange(a, b) for a, b in ulysses_local_ranges(lengths, rank, 2, 2, "zigzag")])
+        mine = torch.cat([torch.arange(a, b) for a, b in local_ranges(lengths, rank, 2, "zigzag", 2)])
         local = [t[mine].detach().clone().requires_grad_() for t in (q, k, v)]
         plan = UlyssesPlan(whole, group, None, len(mine))
         out = plan.attend(*local, softmax_scale=0.3, group=None, heads_k_stride=1)

@@ -71,4 +71,4 @@ def check_model(model: torch.nn.Module, args: LongPOConfig, role: str, split: bo
     if args.share_prompt:
         check_attention_model(model, allow_sliding_window=args.ring_ignore_sliding_window, tree=True)
     if split:
-        check_attention_model(model, args.ring_heads_k_stride, args.ring_ignore_sliding_window)
+        check_attention_model(model, args.ring_heads_k_stride, args.ring_ignore_sliding_window, args.ulysses_degree)

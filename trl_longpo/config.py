@@ -64,6 +64,12 @@ class LongPOConfig(DPOConfig):
         sequence_parallel_size (`int`, *optional*, defaults to `1`):
             Ranks that split each sequence with ring attention (world = dp × sp; SP groups are consecutive ranks).
             `1` disables sequence parallelism.
+        ulysses_degree (`int`, *optional*, defaults to `1`):
+            Ranks of each SP group that split attention heads with an all-to-all (DeepSpeed-Ulysses) instead of
+            passing K/V around the ring: `1` = ring only, `sequence_parallel_size` = Ulysses only, in between = hybrid
+            (Ulysses inside groups of `ulysses_degree` consecutive ranks, a ring of `sequence_parallel_size /
+            ulysses_degree` across them). Must divide `sequence_parallel_size` and the model's query heads; KV heads
+            fewer than it are replicated. `trl-longpo plan` recommends a split.
         ring_attn_impl (`str`, *optional*, defaults to `"zigzag"`):
             ring-flash-attn implementation: `"zigzag"` (balanced causal work) or `"llama3"` (all-gathers K/V: better
             precision, no per-row padding to 2·sp).
@@ -183,6 +189,15 @@ class LongPOConfig(DPOConfig):
             "consecutive ranks). 1 disables sequence parallelism."
         },
     )
+    ulysses_degree: int = field(
+        default=1,
+        metadata={
+            "help": "Ranks of each SP group that split attention heads (Ulysses all-to-all) instead of the sequence "
+            "ring: 1 = ring only (default), sequence_parallel_size = Ulysses only, in between = hybrid (Ulysses within "
+            "groups of ulysses_degree consecutive ranks, ring across). Must divide sequence_parallel_size and the "
+            "query heads; fewer KV heads are replicated. See `trl-longpo plan`."
+        },
+    )
     ring_attn_impl: str = field(
         default="zigzag",
         metadata={
@@ -272,6 +287,11 @@ class LongPOConfig(DPOConfig):
         problems += _retention_problems(self)
         if self.sequence_parallel_size < 1:
             problems.append(f"`sequence_parallel_size` must be >= 1, got {self.sequence_parallel_size}.")
+        if self.ulysses_degree < 1 or self.sequence_parallel_size % max(self.ulysses_degree, 1):
+            problems.append(
+                f"`ulysses_degree` ({self.ulysses_degree}) must be a positive divisor of `sequence_parallel_size` "
+                f"({self.sequence_parallel_size}): sp = ulysses_degree x ring degree."
+            )
         if self.ring_attn_impl not in RING_ATTN_IMPLS:
             problems.append(f"`ring_attn_impl` must be one of {RING_ATTN_IMPLS}, got {self.ring_attn_impl!r}.")
         if self.ring_heads_k_stride < 1:

@@ -217,7 +217,9 @@ class LongPOTrainer(DPOTrainer):
         """Build the dp x sp mesh, choose the split scorers and switch the models that run split (for the run)."""
         from .sequence_parallel import SequenceParallelContext, init_sequence_parallel_mesh
 
-        mesh = init_sequence_parallel_mesh(args.sequence_parallel_size, device_type=self.accelerator.device.type)
+        mesh = init_sequence_parallel_mesh(
+            args.sequence_parallel_size, device_type=self.accelerator.device.type, ulysses_degree=args.ulysses_degree
+        )
         sp = SequenceParallelContext(
             mesh,
             ring_attn_impl=args.ring_attn_impl,
@@ -232,14 +234,16 @@ class LongPOTrainer(DPOTrainer):
             if self.ref_model is not None:
                 sp.prepare_model(self.ref_model, self.scorer.attention_name)
         logger.info(
-            f"Sequence parallelism: {mesh.dp_size} data-parallel group(s) × {mesh.sp_size} ranks, ring "
-            f"'{args.ring_attn_impl}', reference '{args.sequence_parallel_reference}'."
+            f"Sequence parallelism: {mesh.dp_size} data-parallel group(s) × {mesh.sp_size} ranks (Ulysses "
+            f"{mesh.ulysses_size} × ring {mesh.ring_size}), ring '{args.ring_attn_impl}', reference "
+            f"'{args.sequence_parallel_reference}'."
         )
-        if args.share_prompt and mesh.sp_size > 1:
+        if args.share_prompt and mesh.ring_size > 1:
             # Said at warning level because it changes the communication pattern the user configured
             logger.warning(
-                f"share_prompt=True under sequence parallelism: each layer all-gathers K/V over the SP group and runs "
-                f"tree attention on its own queries (ring_attn_impl='{args.ring_attn_impl}' keeps its token layout, "
+                f"share_prompt=True under sequence parallelism: each layer brings every ring rank's K/V to every rank "
+                "(broadcast one shard at a time, the bytes of an all-gather) and runs tree attention on its own "
+                f"queries (ring_attn_impl='{args.ring_attn_impl}' keeps its token layout, "
                 "but K/V do not travel by the P2P ring: a ring step's key block would cut across branches). Set "
                 "share_prompt=False for ring-flash-attn's ring schedule."
             )

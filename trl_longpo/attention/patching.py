@@ -98,11 +98,16 @@ def _effective_sliding_window(config) -> int | None:
 
 
 def check_attention_model(
-    model: torch.nn.Module, heads_k_stride: int = 1, allow_sliding_window: bool = False, tree: bool = False
+    model: torch.nn.Module,
+    heads_k_stride: int = 1,
+    allow_sliding_window: bool = False,
+    ulysses_degree: int = 1,
+    tree: bool = False,
 ) -> None:
     """Refuse what the plans cannot run: a sliding window (unless explicitly allowed, then warn), a kv head count the
-    heads stride does not divide, attention dropout; with `tree` (shared prompt) also logit softcapping and
-    prompt-learning adapters. Needs no process group, so it runs before the mesh exists."""
+    heads stride does not divide, attention dropout, a Ulysses degree that does not divide the query heads; with
+    `tree` (shared prompt) also logit softcapping and prompt-learning adapters. Needs no process group, so it runs
+    before the mesh exists."""
     config = unwrap_engine(model).config
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     if tree:
@@ -120,6 +125,12 @@ def check_attention_model(
     try:
         check_sliding_window(_effective_sliding_window(text_config), allow_sliding_window)
         num_kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        if ulysses_degree > 1:  # after the all-to-all each rank holds replicated_kv / u kv heads
+            from trl_longpo.sequence_parallel.planning import check_ulysses_degree, replicated_kv_heads
+
+            heads = text_config.num_attention_heads
+            check_ulysses_degree(heads, num_kv_heads, ulysses_degree)
+            num_kv_heads = replicated_kv_heads(heads, num_kv_heads, ulysses_degree) // ulysses_degree
         check_heads_k_stride(num_kv_heads, heads_k_stride)
         if getattr(text_config, "attention_dropout", 0.0):
             raise ValueError(f"ring attention does not support attention dropout ({text_config.attention_dropout})")

@@ -9,6 +9,7 @@ dataloader so that the ranks of an SP group read the same batch. Per-row sums th
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ from trl_longpo.sequence_parallel.collectives import sp_all_reduce_sum
 from trl_longpo.sequence_parallel.mesh import SequenceParallelMesh, verify_same_batch
 from trl_longpo.sequence_parallel.sharding import PackedShard, shard_rows
 from trl_longpo.sequence_parallel.tree import TreeShard, shard_trees
+from trl_longpo.sequence_parallel.ulysses import UlyssesPlan
 
 
 @dataclass(frozen=True)
@@ -51,7 +53,7 @@ class SequenceParallelContext:
     # ------------------------------------------------------------------------------------------------ models
     def prepare_model(self, model: torch.nn.Module, attention_name: str) -> torch.nn.Module:
         """Check the model can run split attention and switch it (in place, for the run) to `attention_name`."""
-        check_attention_model(model, self.heads_k_stride, self.allow_sliding_window)
+        check_attention_model(model, self.heads_k_stride, self.allow_sliding_window, self.mesh.ulysses_size)
         switch_attention(model, attention_name)
         return model
 
@@ -70,7 +72,7 @@ class SequenceParallelContext:
         pad_token_id: int = 0,
     ) -> PackedShard:
         """This rank's shard of padded rows packed as causal segments (`sharding.shard_rows`)."""
-        return shard_rows(
+        shard = shard_rows(
             input_ids,
             masks,
             attention_mask,
@@ -80,18 +82,30 @@ class SequenceParallelContext:
             impl=self.ring_attn_impl,
             pad_token_id=pad_token_id,
             max_length=self.max_length,
+            ulysses=self.mesh.ulysses_size,
         )
+        return self._with_ulysses(shard)
 
     def shard_trees(self, packed: PackedTrees, pad_token_id: int = 0) -> TreeShard:
         """This rank's shard of packed shared-prompt trees (`sequence_parallel.tree.shard_trees`)."""
-        return shard_trees(
+        shard = shard_trees(
             packed,
             sp_rank=self.mesh.sp_rank,
             sp_size=self.mesh.sp_size,
             impl=self.ring_attn_impl,
-            group=self.mesh.sp_group,
+            group=self.mesh.ring_group,
             pad_token_id=pad_token_id,
+            ulysses=self.mesh.ulysses_size,
         )
+        return self._with_ulysses(shard)
+
+    def _with_ulysses(self, shard):
+        """Under Ulysses (degree > 1) the shard's plan covers the tokens the all-to-all delivers: wrap it."""
+        if self.mesh.ulysses_size == 1:
+            return shard
+        ring_group = self.mesh.ring_group if self.mesh.ring_size > 1 else None
+        plan = UlyssesPlan(shard.plan, self.mesh.ulysses_group, ring_group, int(shard.input_ids.numel()))
+        return dataclasses.replace(shard, plan=plan)
 
     def attention_state(self, plan: AttentionPlan) -> AttentionState:
         return AttentionState(

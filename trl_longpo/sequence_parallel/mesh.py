@@ -44,10 +44,20 @@ class SequenceParallelMesh:
     sp_group: dist.ProcessGroup
     dp_group: dist.ProcessGroup
     sp_ranks: tuple[int, ...]  # global ranks of this rank's SP group, in ring order
+    ulysses_size: int = 1  # Ulysses degree u: sp = u x ring degree (`trl_longpo.sequence_parallel.ulysses`)
+    ulysses_group: dist.ProcessGroup | None = None  # u consecutive ranks (None when u = 1)
+    ring_group: dist.ProcessGroup | None = None  # one rank of each Ulysses group (the sp group when u = 1)
+
+    @property
+    def ring_size(self) -> int:
+        return self.sp_size // self.ulysses_size
 
 
-def init_sequence_parallel_mesh(sp_size: int, device_type: str | None = None) -> SequenceParallelMesh:
-    """Build the dp x sp mesh over the initialised default process group. Collective: call it on every rank."""
+def init_sequence_parallel_mesh(
+    sp_size: int, device_type: str | None = None, ulysses_degree: int = 1
+) -> SequenceParallelMesh:
+    """Build the dp x sp mesh over the initialised default process group, with Ulysses and ring groups inside each SP
+    group when `ulysses_degree` > 1. Collective: call it on every rank."""
     if not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised; launch with torchrun / accelerate launch")
     world_size, rank = dist.get_world_size(), dist.get_rank()
@@ -58,15 +68,24 @@ def init_sequence_parallel_mesh(sp_size: int, device_type: str | None = None) ->
 
     mesh = init_device_mesh(device_type, (dp_size, sp_size), mesh_dim_names=("dp", "sp"))
     dp_rank, sp_rank = divmod(rank, sp_size)
+    sp_group = mesh["sp"].get_group()
+    ulysses_group, ring_group = None, sp_group
+    if ulysses_degree > 1:
+        from trl_longpo.sequence_parallel.ulysses import init_ulysses_groups
+
+        ulysses_group, ring_group = init_ulysses_groups(sp_size, ulysses_degree, dp_size, rank)
     return SequenceParallelMesh(
         sp_size=sp_size,
         dp_size=dp_size,
         rank=rank,
         sp_rank=sp_rank,
         dp_rank=dp_rank,
-        sp_group=mesh["sp"].get_group(),
+        sp_group=sp_group,
         dp_group=mesh["dp"].get_group(),
         sp_ranks=tuple(range(dp_rank * sp_size, (dp_rank + 1) * sp_size)),
+        ulysses_size=ulysses_degree,
+        ulysses_group=ulysses_group,
+        ring_group=ring_group,
     )
 
 

@@ -58,10 +58,27 @@ def _real_span(mask_row: torch.Tensor) -> tuple[int, int]:
     return start, stop
 
 
-def local_ranges(segment_lengths: list[int], sp_rank: int, sp_size: int, impl: str) -> list[tuple[int, int]]:
+def local_ranges(
+    segment_lengths: list[int], sp_rank: int, sp_size: int, impl: str, ulysses: int = 1
+) -> list[tuple[int, int]]:
     """[start, stop) ranges of the packed, padded sequence held by `sp_rank`, in its local order (segment lengths
-    already padded for `impl`)."""
+    already padded for `impl`: multiples of 2 x sp for zigzag, a total multiple of 2 x sp for llama3).
+
+    With a Ulysses degree u > 1 (sp = u x ring degree r), SP rank s = ring_rank x u + j: ring rank s // u takes its
+    ring shard (the layout below with r ranks) and Ulysses rank j the j-th contiguous 1/u of it, so the Ulysses
+    all-to-all (rank-major) rebuilds the ring shard in its local order (`trl_longpo.sequence_parallel.ulysses`)."""
     check_ring_attn_impl(impl)
+    if ulysses > 1:
+        ranges = local_ranges(segment_lengths, sp_rank // ulysses, sp_size // ulysses, impl)
+        per_rank = sum(b - a for a, b in ranges) // ulysses
+        start = (sp_rank % ulysses) * per_rank
+        stop, pos, out = start + per_rank, 0, []
+        for a, b in ranges:
+            lo, hi = max(start, pos), min(stop, pos + b - a)
+            if lo < hi:
+                out.append((a + lo - pos, a + hi - pos))
+            pos += b - a
+        return out
     if impl == "llama3":
         per_rank = sum(segment_lengths) // sp_size
         return [(sp_rank * per_rank, (sp_rank + 1) * per_rank)]
@@ -74,9 +91,11 @@ def local_ranges(segment_lengths: list[int], sp_rank: int, sp_size: int, impl: s
     return ranges
 
 
-def shard_local_indices(segment_lengths: list[int], sp_rank: int, sp_size: int, impl: str) -> torch.Tensor:
+def shard_local_indices(
+    segment_lengths: list[int], sp_rank: int, sp_size: int, impl: str, ulysses: int = 1
+) -> torch.Tensor:
     """Indices into the packed, padded sequence held by `sp_rank` (segment lengths already padded for `impl`)."""
-    pieces = [torch.arange(a, b) for a, b in local_ranges(segment_lengths, sp_rank, sp_size, impl)]
+    pieces = [torch.arange(a, b) for a, b in local_ranges(segment_lengths, sp_rank, sp_size, impl, ulysses)]
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
 
 
@@ -91,6 +110,7 @@ def shard_rows(
     impl: str,
     pad_token_id: int = 0,
     max_length: int | None = None,
+    ulysses: int = 1,
 ) -> PackedShard:
     """Pack `input_ids` (B, L) rows into one sequence, pad it for `impl`, and return `sp_rank`'s shard.
 
@@ -98,7 +118,7 @@ def shard_rows(
     scores token t, predicted at t-1); `masks[0]` decides which positions get a target and must cover the others.
     `attention_mask` (B, L) marks each row's real tokens (one contiguous block; left or right padding).
     `position_ids` (B, L) default to 0..n-1 over each row's real tokens. `max_length` bounds the padded packed length
-    (a clear error instead of an out-of-memory deep inside the ring).
+    (a clear error instead of an out-of-memory deep inside the ring). `ulysses`: the Ulysses degree (`local_ranges`).
     """
     check_ring_attn_impl(impl)
     if input_ids.dim() != 2 or not masks or any(m.shape != input_ids.shape for m in masks):
@@ -148,7 +168,7 @@ def shard_rows(
             f"configured maximum {max_length}"
         )
     global_cu = torch.tensor([0] + lengths, dtype=torch.int32).cumsum(0, dtype=torch.int32)
-    local = shard_local_indices(lengths, sp_rank, sp_size, impl).to(device)
+    local = shard_local_indices(lengths, sp_rank, sp_size, impl, ulysses).to(device)
     packed_pos = torch.cat(pos)
     return PackedShard(
         input_ids=torch.cat(ids)[local],
@@ -158,5 +178,7 @@ def shard_rows(
         masks=torch.cat(msk, dim=1)[:, local],
         num_rows=num_rows,
         global_cu_seqlens=global_cu,
-        plan=make_varlen_plan(impl, global_cu.to(device), sp_rank, sp_size),
+        # Under Ulysses the plan is the ring's (or, with no ring, the whole sequence's) for the u x n tokens the
+        # all-to-all delivers; the caller wraps it (`SequenceParallelContext.shard_rows`).
+        plan=make_varlen_plan(impl, global_cu.to(device), sp_rank // ulysses, sp_size // ulysses),
     )

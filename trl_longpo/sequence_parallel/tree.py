@@ -96,8 +96,13 @@ def shard_trees(
     group: dist.ProcessGroup | None,
     pad_token_id: int = 0,
     backend: str | None = None,
+    ulysses: int = 1,
 ) -> TreeShard:
-    """Pad `packed` for `impl`, cut `sp_rank`'s shard and build its plan (see the module docstring)."""
+    """Pad `packed` for `impl`, cut `sp_rank`'s shard and build its plan (see the module docstring).
+
+    With a Ulysses degree u > 1 the tokens are cut by `local_ranges(..., ulysses=u)` and the plan covers the ring
+    shard (u x n tokens after the all-to-all; the whole trees when u = sp) with `group` the ring group (None without
+    a ring); `SequenceParallelContext.shard_trees` wraps it in a `UlyssesPlan`."""
     unit = 2 * sp_size
     trees, segments, pads = [], [], []
     for tree in packed.trees:
@@ -123,10 +128,11 @@ def shard_trees(
         return torch.cat(parts, dim=-1)
 
     positions = padded(packed.position_ids, 0)  # padding sees only padding: any position works
-    local = torch.cat([torch.arange(a, b) for a, b in local_ranges(segments, sp_rank, sp_size, impl)]).to(
-        positions.device
-    )
-    blocks, num_local = local_tree_blocks(trees, segments, sp_rank, sp_size, impl)
+    ranges = local_ranges(segments, sp_rank, sp_size, impl, ulysses)
+    local = torch.cat([torch.arange(a, b) for a, b in ranges]).to(positions.device)
+    ring = sp_size // ulysses
+    blocks, num_local = local_tree_blocks(trees, segments, sp_rank // ulysses, ring, impl)
+    group = group if ring > 1 else None
     return TreeShard(
         input_ids=padded(packed.input_ids, pad_token_id)[local],
         position_ids=positions[local],

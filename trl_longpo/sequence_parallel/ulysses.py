@@ -8,7 +8,7 @@ token, against the ring's K/V passed around r-1 times. Hybrid (USP): sp = u x r;
 (consecutive ranks, NVLink), ring attention across the r groups on the gathered shard with H/u heads.
 
 Token order: `seq_to_heads` returns the group's tokens rank-major (rank 0's n tokens, then rank 1's, ...), so the
-layout gives each Ulysses rank a contiguous 1/u of its ring shard (`trl_longpo.sequence_parallel.sharding`).
+layout gives each Ulysses rank a contiguous 1/u of its ring shard (`sharding.local_ranges`).
 
 GQA: the head count must be a multiple of u. KV heads fewer than u (or not divisible by it) are replicated first
 (`expand_kv_heads`), as DeepSpeed-Ulysses and yunchang do, to the smallest count that u divides and that divides the
@@ -115,34 +115,11 @@ def ulysses_attention(q, k, v, attend, group: dist.ProcessGroup, num_heads: int 
 # ------------------------------------------------------------------------------------------------ layout and plan
 
 
-def ulysses_local_ranges(
-    segment_lengths: list[int], sp_rank: int, sp_size: int, ulysses: int, impl: str
-) -> list[tuple[int, int]]:
-    """[start, stop) ranges of the packed, padded sequence that SP rank `sp_rank` holds under Ulysses x ring.
-
-    SP rank s = ring_rank * ulysses + j: ring rank s // u takes its ring shard (`sharding.local_ranges` with the ring
-    degree: zigzag chunks or a contiguous piece), and Ulysses rank j the j-th contiguous 1/u of that shard, so the
-    Ulysses all-to-all (rank-major) rebuilds the ring shard in its local order. Segment lengths must already be padded
-    to multiples of 2 x sp (zigzag) or their total to a multiple of 2 x sp (llama3), as `shard_rows` pads."""
-    from trl_longpo.sequence_parallel.sharding import local_ranges
-
-    ring = sp_size // ulysses
-    ring_rank, piece = divmod(sp_rank, ulysses)
-    ranges = local_ranges(segment_lengths, ring_rank, ring, impl)
-    per_rank = sum(b - a for a, b in ranges) // ulysses
-    start, stop, pos, out = piece * per_rank, (piece + 1) * per_rank, 0, []
-    for a, b in ranges:
-        lo, hi = max(start, pos), min(stop, pos + b - a)
-        if lo < hi:
-            out.append((a + lo - pos, a + hi - pos))
-        pos += b - a
-    return out
-
-
 @dataclass(frozen=True)
 class UlyssesPlan:
-    """An `AttentionPlan` (`trl_longpo.attention.interface`) for Ulysses (ring_group None: `inner` covers the whole packed sequence) or the hybrid
-    (`inner` is the ring plan of this rank's ring shard, run over `ring_group` with H/u heads).
+    """An `AttentionPlan` (`trl_longpo.attention.interface`) for Ulysses (ring_group None: `inner` covers the whole
+    packed sequence) or the hybrid (`inner` is the ring plan of this rank's ring shard, run over `ring_group` with H/u
+    heads).
 
     `inner` is any plan (varlen rows, ring, shared-prompt tree) built for the u x n tokens the all-to-all delivers."""
 
