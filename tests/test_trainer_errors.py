@@ -199,7 +199,8 @@ def test_liger_is_refused_without_a_gpu(tokenizer, tiny_model, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("sizes", "instead"), [({"cp_size": 2}, "sequence_parallel_size=2"), ({"sp_size": 4}, "sequence_parallel_size=4")]
+    ("sizes", "instead"),
+    [({"cp_size": 2}, "sequence_parallel_size=2"), ({"sp_size": 4}, "sequence_parallel_size=4, ulysses_degree=4")],
 )
 def test_accelerate_context_and_sequence_parallelism_are_refused(tmp_path, monkeypatch, sizes, instead):
     from accelerate.parallelism_config import ParallelismConfig

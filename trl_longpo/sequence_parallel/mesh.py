@@ -154,9 +154,10 @@ def accelerate_parallelism_problem(parallelism_config, sequence_parallel_size: i
         return None
     split = max(sizes.values()) * max(sequence_parallel_size, 1)
     given = ", ".join(f"{name}={size}" for name, size in sizes.items())
+    ulysses = f", ulysses_degree={sizes['sp_size']}" if "sp_size" in sizes else ""  # sp_size is Ulysses
     return (
         f"accelerate's parallelism_config ({given}) is not supported by LongPOTrainer: trl-longpo's sequence "
         "parallelism replaces it (per-sequence log-probs reduced over the split, packed rows and shared-prompt trees). "
         "Remove cp_size/sp_size from the accelerate config (or TrainingArguments.parallelism_config) and set "
-        f"LongPOConfig(sequence_parallel_size={split}) instead."
+        f"LongPOConfig(sequence_parallel_size={split}{ulysses}) instead."
     )
