@@ -266,12 +266,12 @@ def evolution_documents(world: SecretWorld, args, rng: random.Random, factor: in
 
 
 def evolve_round(world: SecretWorld, args, out: Path, factor: int, count: int) -> dict:
-    """One `trl-longpo evolve` round on documents of factor·S tokens (written once to a .jsonl file): the base
-    (or the previous round's model) answers every chunk (chosen) and the whole document (rejected)."""
+    """One `trl-longpo evolve` round on documents of factor·S tokens (written to a .jsonl file, rewritten on every
+    run: a file left by a run with other settings is never reused): the base (or the previous round's model)
+    answers every chunk (chosen) and the whole document (rejected)."""
     docs_file = out / f"documents-{factor}S.jsonl"
     docs, chunk_tokens, per_doc = evolution_documents(world, args, random.Random(f"docs-{factor}"), factor, count)
-    if not docs_file.exists():
-        docs_file.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    docs_file.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     return {
         "name": f"{factor}S",
         "documents": str(docs_file),
