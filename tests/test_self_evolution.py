@@ -47,3 +47,15 @@ def test_every_arm_trains_and_every_metric_is_computed(tmp_path):
     assert result["train_rows"] > 0 and result["held_out_rows"] > 0
     for name in ("results.json", "results.md", "self_evolution.png"):
         assert (out / name).stat().st_size > 0
+
+
+def test_documents_file_follows_the_settings(tmp_path):
+    """A documents file left by a run with other settings is rewritten, never reused (it was: a stale 120-document
+    file replaced the 80 documents asked for)."""
+    experiment = _load()
+    world = experiment.SecretWorld()
+    for count in (3, 2):
+        args = experiment.parse_args(["--num_documents", "4", "--num_documents_round2", str(count)])
+        config = experiment.evolve_config(world, args, tmp_path, "base", [4, 16], seed=0)
+    assert len((tmp_path / "documents-16S.jsonl").read_text().splitlines()) == 2
+    assert config["rounds"][1]["documents"] == str(tmp_path / "documents-16S.jsonl")
