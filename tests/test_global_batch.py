@@ -15,7 +15,13 @@ from datasets import Dataset
 
 from trl_longpo import LongPOTrainer
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "examples" / "configs").glob("*.yaml"))
+# Training configs (for examples/train_mistral.py: they set TrainingArguments' output_dir); `trl-longpo evolve`
+# configs in the same folder name training configs per round instead.
+CONFIGS = [
+    path
+    for path in sorted((Path(__file__).resolve().parents[1] / "examples" / "configs").glob("*.yaml"))
+    if "output_dir" in yaml.safe_load(path.read_text())
+]
 STATED = re.compile(
     r"^# Global batch on (\d+) (?:GPUs|processes|process): per-device (\d+) × accumulation (\d+) × dp (\d+) = (\d+) "
     r"pairs",
