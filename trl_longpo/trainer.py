@@ -267,17 +267,8 @@ class LongPOTrainer(DPOTrainer):
         dp_size = self.scorer.sp.mesh.dp_size if self.scorer.sp is not None else args.world_size
         return self._train_batch_size * args.gradient_accumulation_steps * dp_size // self.get_tp_size()
 
-    def _get_dataloader(
-        self, dataset, description, batch_size, sampler_fn=None, is_training=False, dataloader_key=None
-    ):
-        dataloader = super()._get_dataloader(
-            dataset,
-            description,
-            batch_size,
-            sampler_fn=sampler_fn,
-            is_training=is_training,
-            dataloader_key=dataloader_key,
-        )
+    def _get_dataloader(self, dataset, description, batch_size, *args, **kwargs):
+        dataloader = super()._get_dataloader(dataset, description, batch_size, *args, **kwargs)
         if self.scorer.sp is not None:  # the ranks of an SP group read the same batch
             dataloader = self.scorer.sp.shard_dataloader(dataloader, description)
         return dataloader
