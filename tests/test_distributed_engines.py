@@ -195,3 +195,8 @@ def test_models_found_inside_an_engine_with_its_own_config(tiny_model):
     engine = Engine(tiny_model)
     assert base_model(engine) is tiny_model
     check_attention_model(engine)  # reads the model's heads / sliding window, not the engine's dict
+    from trl_longpo import LongPOConfig
+    from trl_longpo.checks import check_model
+
+    # TRL wraps a ZeRO-3 reference in an engine before LongPOTrainer checks it (issue 19: refused as "a DeepSpeedEngine")
+    check_model(engine, LongPOConfig(output_dir="unused", report_to="none"), "reference model", split=False)

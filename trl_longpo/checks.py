@@ -11,7 +11,7 @@ from datasets import IterableDataset
 
 from .attention.patching import check_attention_model
 from .config import LongPOConfig
-from .modeling import check_causal_lm
+from .modeling import check_causal_lm, unwrap_engine
 
 
 def check_launch(args: LongPOConfig) -> None:
@@ -66,8 +66,9 @@ def check_run(args: LongPOConfig, train_dataset, reference_is_policy: bool) -> N
 
 def check_model(model: torch.nn.Module, args: LongPOConfig, role: str, split: bool) -> None:
     """A causal LM that the configured layout can run: tree attention (`share_prompt`), ring attention (`split`: the
-    policy, and the reference when it runs on the ring)."""
-    check_causal_lm(model, role=role)
+    policy, and the reference when it runs on the ring). A ZeRO-3 reference arrives as a DeepSpeed engine: the
+    model inside it is checked."""
+    check_causal_lm(unwrap_engine(model), role=role)
     if args.share_prompt:
         check_attention_model(model, allow_sliding_window=args.ring_ignore_sliding_window, tree=True)
     if split:
