@@ -18,8 +18,8 @@ Steps (everything offline, one CPU thread):
    are paragraphs of ~S tokens, one of which holds the needle; every paragraph is a chunk (short prompt), the
    instruction comes from a task list (the base model cannot write questions), the chosen answer is the model's
    greedy answer on the chunk, the rejected one its answer on the whole document. Turns whose chunk holds no needle
-   (chosen answer "none") are dropped after generation and counted; pairs with identical answers are dropped by the
-   pipeline (`drop_identical`).
+   (chosen answer "none") are dropped by the pipeline's refusal filter before the long pass, and counted; pairs
+   with identical answers are dropped by the pipeline (`drop_identical`).
 3. Arms on round 1's rows, from the same base, rows, seeds and number of optimizer steps: LongPO (trainer defaults:
    NLL on the whole chosen long sequence + 0.01 * LongPO; this is evolve's round 1), LongPO without NLL
    (nll_weight=0, dpo_weight=1), SFT on the chosen long rows (NLL only) and TRL's DPOTrainer on the same pairs
@@ -236,8 +236,8 @@ def train_base(world: SecretWorld, args, log) -> torch.nn.Module:
         optimizer.step()
         done = step + 1
         if done >= args.base_curriculum_steps and done % args.base_check_every == 0:
-            accuracy = short_accuracy(model, world, args.short_length)
-            list_accuracy = short_accuracy(model, world, args.short_length, task="list")
+            accuracy = short_accuracy(model, world, args.short_length, n=args.base_check_samples)
+            list_accuracy = short_accuracy(model, world, args.short_length, n=args.base_check_samples, task="list")
             log(f"base step {done}/{args.base_steps} loss {loss.item():.3f} check acc@S {accuracy:.2f} "
                 f"list skill {list_accuracy:.2f} ({time.time() - start:.0f}s)")
             if min(accuracy, list_accuracy) >= args.base_target_accuracy:
@@ -303,7 +303,10 @@ def evolve_config(world: SecretWorld, args, out: Path, base_dir: str, factors: l
             group_turns=False,
             long_turn_context="independent",
             min_answer_words=0,
-            refusal_phrases=[],
+            # A chunk answer "none" says the chunk does not hold the answer: a refusal. The pipeline drops it after the
+            # short pass, so the long pass runs only for the needle's chunk (1 of 26 at 16·S), counted in its stats.
+            refusal_phrases=[NO_NEEDLE],
+            drop_rejected_refusals=False,  # a "none" on the whole document is the long-context failure: the rejected side
             drop_truncated=False,  # a long answer that runs on without EOS is a wrong answer: the rejected side
             batch_size=256,
             generation_batch_size=32,
@@ -332,15 +335,6 @@ def training_settings(args, seed: int) -> dict:
         seed=seed,
         data_seed=seed,
     )
-
-
-def keep_needle_rows(dataset, log=None, label=""):
-    """Drop turns whose chunk holds no needle (chosen answer "none": nothing to learn about retrieval), counted."""
-    kept = dataset.filter(lambda row: row["chosen"][0]["content"].strip() != NO_NEEDLE)
-    if log:
-        log(f"{label}: {len(dataset)} pairs, {len(dataset) - len(kept)} needle-less chunk answers dropped -> "
-            f"{len(kept)} rows")
-    return kept
 
 
 def split_rows(dataset, args):
@@ -550,12 +544,13 @@ class Settings:
     base_steps: int = 1500  # at most; training stops once both short skills are mastered
     base_curriculum_steps: int = 200
     base_check_every: int = 25
-    base_target_accuracy: float = 0.95
+    base_target_accuracy: float = 0.98
+    base_check_samples: int = 128
     base_batch_size: int = 32
     base_lr: float = 2e-3
     base_list_share: float = 0.25  # share of the base's training examples that are the list skill
     num_documents: int = 600
-    num_documents_round2: int = 150
+    num_documents_round2: int = 600
     answer_tokens: int = 3
     answer_temperature: float = 0.0  # greedy answers; the CI test samples (an untrained base answers identically)
     batch_size: int = 8
@@ -614,7 +609,8 @@ def run_rounds(world, args, out: Path, base_dir: str, factors: list[int], seed: 
     rows: dict[int, tuple] = {}
 
     def prepare(round_index: int, dataset):
-        train, held_out = split_rows(keep_needle_rows(dataset, log, f"{run_dir.name} round {round_index}"), args)
+        train, held_out = split_rows(dataset, args)
+        log(f"{run_dir.name} round {round_index}: {len(dataset)} rows -> {len(train)} train, {len(held_out)} held out")
         rows[round_index] = (train, held_out)
         if "rows" not in retention:
             retention["rows"] = short_retention_rows(held_out, n=len(held_out))
