@@ -54,7 +54,7 @@ import time
 import warnings
 from pathlib import Path
 
-from sp_memory import PeakRSS, _malloc_trim, fmt_len, parse_length  # same folder; shared helpers
+from rss import PeakRSS, fmt_len, malloc_trim, parse_length  # same folder; shared helpers
 
 for _key in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TQDM_DISABLE"):
     os.environ.setdefault(_key, "1")
@@ -175,7 +175,6 @@ def measure(fn, model, memory: bool = False) -> dict:
     model.zero_grad(set_to_none=True)
     gc.collect()
     if memory:
-        _malloc_trim()
         rss = PeakRSS()
     wall, cpu = time.perf_counter(), time.process_time()
     fn()
@@ -220,7 +219,7 @@ def run_length(base_model, tokenizer, long_tokens: int, reps: int, args) -> dict
             del arms, built["arms"]
             gc.unfreeze()
     gc.collect()
-    _malloc_trim()
+    malloc_trim()
     if args.clock == "cpu":
         step = {arm: statistics.median(s["cpu_s"] for s in v) for arm, v in samples.items()}
     else:

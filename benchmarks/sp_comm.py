@@ -179,21 +179,15 @@ def count_layouts(job: dict) -> list[dict]:
 
 def _peak_start() -> int:
     """Reset the peak resident set (VmHWM) to the current one and return it, in KiB (Linux)."""
-    import gc
+    from rss import reset_peak
 
-    from sp_memory import _malloc_trim, _read_status_kib, _reset_hwm
-
-    gc.collect()
-    _malloc_trim()
-    if not _reset_hwm():
-        raise RuntimeError("--peak needs Linux's /proc/self/clear_refs")
-    return _read_status_kib("VmRSS")
+    return reset_peak() // 1024
 
 
 def _peak_kib() -> int:
-    from sp_memory import _read_status_kib
+    from rss import read_status_kib
 
-    return _read_status_kib("VmHWM")
+    return read_status_kib("VmHWM")
 
 
 def run_rank(rank: int, world: int, port: int, job: dict) -> list[dict]:
