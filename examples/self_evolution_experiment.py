@@ -305,8 +305,10 @@ def evolve_config(world: SecretWorld, args, out: Path, base_dir: str, factors: l
             min_answer_words=0,
             # A chunk answer "none" says the chunk does not hold the answer: a refusal. The pipeline drops it after the
             # short pass, so the long pass runs only for the needle's chunk (1 of 26 at 16·S), counted in its stats.
+            # As in the official code, a refusal on the long side drops the pair too. Keeping those pairs (measured)
+            # taught round 1 to stop answering "none": it then answered 4,265 of 15,000 needle-less 16·S chunks with
+            # a number, rows with a wrong chosen answer.
             refusal_phrases=[NO_NEEDLE],
-            drop_rejected_refusals=False,  # a "none" on the whole document is the long-context failure: the rejected side
             drop_truncated=False,  # a long answer that runs on without EOS is a wrong answer: the rejected side
             batch_size=256,
             generation_batch_size=32,

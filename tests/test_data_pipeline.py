@@ -204,32 +204,6 @@ def test_disabled_filters_keep_answers(tmp_path, tokenizer):
     assert len(generate_dataset(cfg, documents=docs, backend=backend, tokenizer=tokenizer).dataset) == 1
 
 
-def test_rejected_refusals_kept_on_request(tmp_path, tokenizer):
-    """drop_rejected_refusals=False keeps a long-context refusal as the rejected answer; a chosen refusal is still
-    dropped, before the long pass (negative control: the default drops the rejected refusal, as the official code)."""
-    refusal = "As an AI language model, I cannot discuss this subject at all."
-    outcomes = {0: (GOOD_SHORT, refusal), 1: (refusal, GOOD_LONG)}
-    docs = [make_doc(d) for d in outcomes]
-
-    def respond(prompt, long_context):
-        d = doc_of(prompt)
-        if "comprehensive English questions" in prompt:
-            return QUESTIONS.format(tag=d)
-        short, long = outcomes[d]
-        return long.format(tag=d) if long_context else short.format(tag=d)
-
-    for keep, rows in ((False, 0), (True, 1)):
-        backend = ScriptedBackend(tokenizer, respond)
-        cfg = base_config(tmp_path / str(keep), drop_rejected_refusals=not keep)
-        result = generate_dataset(cfg, documents=docs, backend=backend, tokenizer=tokenizer)
-        stages = result.stats["stages"]
-        assert stages["short_answers (chosen)"] == {"requested": 2, "passed": 1, "refusal": 1}
-        assert not any("DOC1" in c["prompt"] for c in backend.calls if c["long_context"])  # no long pass for it
-        assert len(result.dataset) == rows, keep
-        if keep:
-            assert result.dataset[0]["rejected"][0]["content"] == refusal
-
-
 def test_short_prompt_limit_and_document_length_filters(tmp_path, tokenizer):
     docs = [make_doc(0), make_doc(1, paragraphs=2), "", make_doc(3, paragraphs=40)]
     backend = ScriptedBackend(tokenizer, default_respond, context_length=4096)

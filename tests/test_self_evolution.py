@@ -26,7 +26,7 @@ def test_every_arm_trains_and_every_metric_is_computed(tmp_path):
     out = tmp_path / "evo"
     result = experiment.main(
         ["--quick", "--output_dir", str(out), "--base_steps", "150", "--base_curriculum_steps", "100",
-         "--num_documents", "24", "--num_documents_round2", "8", "--probes_per_length", "2",
+         "--num_documents", "24", "--num_documents_round2", "32", "--probes_per_length", "2",
          "--retention_samples", "2", "--epochs", "1", "--batch_size", "4", "--answer_temperature", "1.0"]
     )
     lengths = result["lengths"]

@@ -203,14 +203,6 @@ class GenerationConfig:
         default_factory=lambda: list(DEFAULT_REFUSAL_PHRASES),
         metadata={"help": "Case-insensitive phrases that mark an answer as a refusal."},
     )
-    drop_rejected_refusals: bool = field(
-        default=True,
-        metadata={
-            "help": "Apply refusal_phrases to rejected (long) answers too, as the official code does. False keeps a "
-            "long-context refusal as the rejected answer when the short context answered: the failure LongPO trains "
-            "away."
-        },
-    )
     drop_truncated: bool = field(
         default=True, metadata={"help": "Drop answers cut by max_new_tokens (finish_reason == 'length')."}
     )

@@ -228,7 +228,7 @@ def _answer_failure(record: dict[str, Any], config: GenerationConfig, rejected: 
         record["finish_reason"],
         min_words=config.min_answer_words,
         max_repetition_ratio=threshold,
-        refusal_phrases=config.refusal_phrases if config.drop_rejected_refusals or not rejected else (),
+        refusal_phrases=config.refusal_phrases,
         drop_truncated=config.drop_truncated,
     )
 
