@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..rounding import round_up
 from .backends import Completion, GenerationBackend, Sampling
 from .config import DataConfigError, GenerationConfig
 from .documents import Document
@@ -244,10 +245,6 @@ def plan_turns(
     return plan
 
 
-def _round_up(n: int, to: int = 1024) -> int:
-    return -(-n // to) * to
-
-
 def diagnose(
     plan: GenerationPlan, config: GenerationConfig, docs: list[Document], turns: list[list[Turn]], stats: RunStats
 ) -> str:
@@ -265,12 +262,13 @@ def diagnose(
         if counts.get("too_long") and not counts.get("too_short"):
             return (
                 f"--max_doc_tokens {config.max_doc_tokens} drops every document (the shortest has {min(lengths):,} "
-                f"tokens); set --max_doc_tokens {_round_up(min(lengths))} or higher (and --context_length to match)."
+                f"tokens); set --max_doc_tokens {round_up(min(lengths), 1024)} or higher (and --context_length to "
+                "match)."
             )
         return (
             f"--min_doc_tokens {config.min_doc_tokens} / --max_doc_tokens {config.max_doc_tokens} drop every "
             f"document (lengths {min(lengths):,}-{max(lengths):,} tokens); widen the range, e.g. --min_doc_tokens "
-            f"{min(lengths)} --max_doc_tokens {_round_up(max(lengths))}."
+            f"{min(lengths)} --max_doc_tokens {round_up(max(lengths), 1024)}."
         )
     if not chunks.get("turns_selected"):
         longest = max(d.num_tokens for d in docs)
@@ -299,8 +297,8 @@ def diagnose(
             )
             return (
                 f"{stage.name}: {current} is shorter than long prompts plus --max_new_tokens "
-                f"{config.max_new_tokens} (the longest needs {need:,}); set --context_length {_round_up(need)}, or "
-                f"lower --max_doc_tokens."
+                f"{config.max_new_tokens} (the longest needs {need:,}); set --context_length "
+                f"{round_up(need, 1024)}, or lower --max_doc_tokens."
             )
         if stage.name == "instructions":
             works = (plan.native_context or 0) - config.instruction_max_new_tokens - overhead

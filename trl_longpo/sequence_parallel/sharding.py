@@ -28,6 +28,7 @@ import torch
 from trl_longpo.attention.interface import AttentionPlan
 from trl_longpo.attention.ring import check_ring_attn_impl, make_varlen_plan
 from trl_longpo.packing import IGNORE_INDEX
+from trl_longpo.rounding import round_up
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,6 @@ class PackedShard:
     num_rows: int
     global_cu_seqlens: torch.Tensor  # boundaries of the packed, padded (unsharded) segments
     plan: AttentionPlan  # kernel arguments for ring attention on this rank
-
-
-def round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
 
 
 def _real_span(mask_row: torch.Tensor) -> tuple[int, int]:

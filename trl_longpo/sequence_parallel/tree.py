@@ -23,7 +23,8 @@ import torch.distributed as dist
 
 from trl_longpo.attention.tree import Block, Tree, TreeAttentionPlan, tree_blocks
 from trl_longpo.packing import IGNORE_INDEX, PackedTrees
-from trl_longpo.sequence_parallel.sharding import local_ranges, round_up
+from trl_longpo.rounding import round_up
+from trl_longpo.sequence_parallel.sharding import local_ranges
 
 
 @dataclass(frozen=True)
