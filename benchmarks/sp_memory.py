@@ -285,8 +285,9 @@ def inventory_table(measured: dict[str, dict[str, float]], target: ModelShape) -
     per_token = token_bytes(target, measured, TINY)
     lines.append(
         f"\n{target.name}: one layer {per_token.per_layer:,.0f} B/token, outside the layers "
-        f"{per_token.outside_layers:,.0f}; with gradient checkpointing {per_token.total() - per_token.logits:,.0f} "
-        f"B/token (+ {per_token.logits:,.0f} planned for transient logits, which the fused LM head does not build)."
+        f"{per_token.outside_layers:,.0f}; with gradient checkpointing "
+        f"{per_token.total() - per_token.lm_head_grad:,.0f} B/token saved (+ {per_token.lm_head_grad:,.0f} planned "
+        "for the LM head's input gradient in its backward)."
     )
     same = measured == MEASURED_INVENTORY
     lines.append(f"This inventory {'equals' if same else 'differs from'} `planning.MEASURED_INVENTORY`.")

@@ -62,18 +62,31 @@ def test_scaling_the_measured_model_to_itself_is_the_measurement():
     assert per_token.per_layer + per_token.outside_layers == pytest.approx(measured)
 
 
-# The README's hand-computed "Which SP size on 80 GB GPUs" table before the planner (commit 670aa0b): ring layouts,
-# the tree's K/V gather with fp32 dK/dV over the gathered length. (max_length K, dp, sp) -> (tokens/GPU,
-# activations, K/V gather, fixed, total, unshared total) in GiB. Its 55.7 used 672 KiB/token rounded (672.2 here).
+# Mistral-7B per token, by hand from the probe's inventory (README "Which SP size on 80 GB GPUs"): one layer 200,840 B
+# (MLP 4,096 x 14336/512 + hidden bf16 3,072 x 16 + hidden fp32 2,048 x 16 + kv 512 x 8 + heads 16 x 8 + 8), outside
+# the layers 33,322 B (ids 8, RoPE 256 x 2, final norm 1,024 x 16 + 512 x 16 + 4, LM-head input 512 x 16, targets,
+# lse, masks 30), checkpointed layer inputs 32 x 8,192 B, the LM head's input gradient 6 x 4,096 B.
+MISTRAL_BYTES_PER_TOKEN = 32 * 8_192 + 200_840 + 33_322 + 24_576  # 520,882 B = 508.7 KiB
+
+
+def test_mistral_bytes_per_token_is_the_hand_computation():
+    assert token_bytes(BUILTIN_SHAPES["Mistral-7B"]).total() == MISTRAL_BYTES_PER_TOKEN
+
+
+# The README's ring table with the tree's buffers before issue 17 (K/V + fp32 dK/dV over the gathered length),
+# computed by hand: tokens per group L + 1,025, tokens/GPU = ceil(group / sp), activations = tokens/GPU x 520,882 B,
+# K/V gather = group x 1,024 x 12 B, fixed = 16 B x 7,241,732,096 params / GPUs + 7 GiB, unshared = ceil(2L / sp) x
+# 520,882 B + fixed. (max_length K, dp, sp) -> (tokens/GPU, activations, K/V gather, fixed, total, unshared total) in
+# GiB, one decimal.
 HAND_COMPUTED = {
-    (128, 4, 2): (66_049, 42.3, 1.5, 20.5, 64.3, 104.5),
-    (128, 2, 4): (33_025, 21.2, 1.5, 20.5, 43.2, 62.5),
-    (128, 1, 8): (16_513, 10.6, 1.5, 20.5, 32.6, 41.5),
-    (256, 2, 4): (65_793, 42.2, 3.0, 20.5, 65.7, 104.5),
-    (256, 1, 8): (32_897, 21.1, 3.0, 20.5, 44.6, 62.5),
-    (512, 2, 4): (131_329, 84.2, 6.0, 20.5, 110.7, 188.5),
-    (512, 1, 8): (65_665, 42.1, 6.0, 20.5, 68.6, 104.5),
-    (512, 1, 16): (32_833, 21.0, 6.0, 13.7, 40.8, 55.7),
+    (128, 4, 2): (66_049, 32.0, 1.5, 20.5, 54.0, 84.1),
+    (128, 2, 4): (33_025, 16.0, 1.5, 20.5, 38.0, 52.3),
+    (128, 1, 8): (16_513, 8.0, 1.5, 20.5, 30.0, 36.4),
+    (256, 2, 4): (65_793, 31.9, 3.0, 20.5, 55.4, 84.1),
+    (256, 1, 8): (32_897, 16.0, 3.0, 20.5, 39.5, 52.3),
+    (512, 2, 4): (131_329, 63.7, 6.0, 20.5, 90.2, 147.7),
+    (512, 1, 8): (65_665, 31.9, 6.0, 20.5, 58.4, 84.1),
+    (512, 1, 16): (32_833, 15.9, 6.0, 13.7, 35.7, 45.5),
 }
 
 

@@ -5,8 +5,11 @@ Memory per GPU is arithmetic on a MEASURED inventory, the same arithmetic the RE
 by where they are saved (each decoder layer, outside the layers) and by tensor width class (hidden, MLP, kv, heads,
 head_dim, vocab, scalar) and dtype. Each class scales with the target model's width (`scale_inventory`); dtypes stay
 as measured. Per token of an SP group, with gradient checkpointing: every layer's bf16 input + one recomputed layer +
-everything outside the layers + the transient logits and their gradient (2 x vocab x 2 B, not measured: TRL's fused
-LM head keeps none, so this is an upper bound).
+everything outside the layers (the probe runs TRL's fused LM head, as training does: no logits are kept) + the fused
+head's backward gradient of its input (`TokenBytes.lm_head_grad`: arithmetic from TRL's `ChunkedLogProbFunction`,
+transient, while the saved activations are still held). The head's per-call tile and fp32 weight gradient
+(`4096 x min(vocab, 32768) x 2 B + vocab x hidden x 4 B`, 0.73 GiB for Mistral-7B) do not grow with tokens: the
+allowance covers them.
 
 Per GPU of a (dp, u, r) split (sp = u x r ranks per sequence, Ulysses degree u inside, ring degree r across):
   - activations: ceil(tokens per SP group / sp) x the per-token bytes (sp divides them exactly: measured);
@@ -119,24 +122,32 @@ def load_shape(model: str) -> ModelShape:
 # ----------------------------------------------------------------------------------------------- inventory
 
 # Bytes saved for backward per token, bf16 model, sp=1, by where and by "width class:dtype". Measured by
-# `python benchmarks/sp_memory.py` (probe: hidden 256, MLP 512, 4 heads / 2 kv heads of 64, vocab 1024, 2 layers;
-# output in benchmarks/sp_memory_results.md). Per-layer entries are the mean over the layers.
+# `python benchmarks/sp_memory.py` (probe: a shared pair of 1,794 tokens through `scoring.RowScorer` with TRL's fused
+# LM head, the path that trains; hidden 256, MLP 512, 4 heads / 2 kv heads of 64, vocab 1024, 2 layers; output in
+# benchmarks/sp_memory_results.md), pasted as printed. Per-layer entries are the mean over the layers. "loss" holds
+# what the fused LM head saves outside any module (its bf16 input, targets, log-sum-exp); "fixed" entries are
+# per-call sizes (8 B over 1,794 tokens here), which scale to 0.
 MEASURED_SHAPE = ModelShape("sp_memory probe", 256, 512, 2, 4, 2, 64, 1024)
 MEASURED_INVENTORY: dict[str, dict[str, float]] = {
+    "embed": {"scalar:int64": 8.0},
     "layer": {
-        "mlp:bfloat16": 4096.0,
-        "hidden:bfloat16": 3072.0,
         "hidden:float32": 2048.0,
+        "scalar:float32": 8.0,
+        "hidden:bfloat16": 3072.0,
         "kv:bfloat16": 512.0,
         "heads:float32": 16.0,
-        "scalar:float32": 8.0,
-        "fixed:int32": 0.0,
+        "mlp:bfloat16": 4096.0,
     },
-    "embed": {"scalar:int64": 8.0},
-    "final_norm": {"hidden:float32": 1024.0, "hidden:bfloat16": 512.0, "scalar:float32": 4.0},
-    "lm_head": {"hidden:bfloat16": 512.0},
-    "loss": {"vocab:bfloat16": 2048.0, "scalar:int64": 16.0, "scalar:float32": 4.0, "scalar:bool": 1.0},
     "rope": {"head_dim:bfloat16": 256.0},
+    "final_norm": {"hidden:float32": 1024.0, "scalar:float32": 4.0, "hidden:bfloat16": 512.0},
+    "loss": {
+        "hidden:bfloat16": 512.0,
+        "scalar:int64": 16.0,
+        "scalar:float32": 4.0,
+        "scalar:bool": 2.0,
+        "fixed:int64": 0.004459308807134894,
+        "scalar:float64": 8.0,
+    },
 }
 
 
@@ -161,15 +172,15 @@ class TokenBytes:
 
     per_layer: float  # one decoder layer's saved tensors
     per_layer_kv: float  # of which k/v (bf16) and lse: what Ulysses' kv-head replication multiplies
-    outside_layers: float  # embeddings ids, RoPE, final norm, LM-head input, log-softmax
+    outside_layers: float  # embeddings ids, RoPE, final norm, the fused LM head's input, targets and log-sum-exp
     layer_input: float  # the bf16 hidden state gradient checkpointing keeps per layer
-    logits: float  # transient logits + their gradient (bf16), not measured
+    lm_head_grad: float  # the fused LM head's backward: fp32 gradient of its input + its bf16 cast (transient)
     layers: int
 
     def total(self, checkpointing: bool = True, kv_replication: float = 1.0) -> float:
         layer = self.per_layer + (kv_replication - 1.0) * self.per_layer_kv
         kept = self.layers * self.layer_input + layer if checkpointing else self.layers * layer
-        return kept + self.outside_layers + self.logits
+        return kept + self.outside_layers + self.lm_head_grad
 
 
 def token_bytes(shape: ModelShape, inventory=None, measured: ModelShape = MEASURED_SHAPE) -> TokenBytes:
@@ -180,7 +191,7 @@ def token_bytes(shape: ModelShape, inventory=None, measured: ModelShape = MEASUR
         per_layer_kv=sum(v for k, v in layer.items() if k.startswith(("kv:", "heads:"))),
         outside_layers=sum(sum(slot.values()) for where, slot in scaled.items() if where != "layer"),
         layer_input=2 * shape.hidden,
-        logits=2 * 2 * shape.vocab,
+        lm_head_grad=(4 + 2) * shape.hidden,  # TRL's ChunkedLogProbFunction.backward: fp32 zeros, then .to(bf16)
         layers=shape.layers,
     )
 
@@ -473,7 +484,7 @@ def format_plan(
         head,
         (
             f"# activations: {per_token / 1024:,.1f} KiB per token (measured inventory scaled by widths, incl. "
-            f"{2 * 2 * shape.vocab / 1024:,.0f} KiB transient logits); fixed: 16 B x "
+            f"{token_bytes(shape).lm_head_grad / 1024:,.0f} KiB LM-head input gradient); fixed: 16 B x "
             f"{shape.num_parameters / 1e9:.2f} B params / GPUs + {options.allowance_gib:.1f} GiB; comm: bytes per "
             f"rank per attention layer per step; time at NVLink {options.nvlink_gbps:.0f} / network "
             f"{options.network_gbps:.0f} GB/s, attention at {options.attention_tflops:.0f} TFLOPS (arithmetic)"
