@@ -16,11 +16,20 @@ os.environ.setdefault("TQDM_DISABLE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", category=FutureWarning)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# pytest-xdist: one worker per core (`pytest_xdist_auto_num_workers`), so each worker gets its share of the cores
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, torch.get_num_threads(), CORES // WORKERS)))
 
 ROOT = Path(__file__).resolve().parents[1]
 # `accelerate launch` as a module of this interpreter; port 0: the launcher picks a free one
 ACCELERATE_LAUNCH = ("-m", "accelerate.commands.launch", "--main_process_port", "0")
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """`-n auto` (pyproject.toml): one worker per core, at most 4 (every worker imports torch and builds models, and
+    the multi-process tests start up to 4 ranks each); none on one core."""
+    return min(CORES, 4) if CORES > 1 else 0
 
 
 @pytest.fixture(scope="session")
