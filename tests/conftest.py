@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import runpy
 import subprocess
 import sys
 import warnings
@@ -199,3 +200,19 @@ def run_checked(cmd: list[str], cwd, timeout: float = 400) -> subprocess.Complet
     result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def run_here(cmd: list[str], cwd) -> None:
+    """`cmd` (`[python, script, *args]`, no launcher) run as `__main__` in this process with 1 torch thread, as
+    `run_checked` would run it: the same script and arguments without ~8 CPU-s of imports in a new interpreter."""
+    assert cmd[0] == sys.executable and cmd[1].endswith(".py"), cmd
+    argv, threads, cwd_before = sys.argv, torch.get_num_threads(), os.getcwd()
+    sys.argv = cmd[1:]
+    torch.set_num_threads(1)
+    os.chdir(cwd)
+    try:
+        runpy.run_path(cmd[1], run_name="__main__")
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+        os.chdir(cwd_before)

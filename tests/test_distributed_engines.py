@@ -27,7 +27,7 @@ import re
 
 import pytest
 import torch
-from conftest import ACCELERATE_LAUNCH, ROOT, run_checked, train_script_command
+from conftest import ACCELERATE_LAUNCH, ROOT, run_checked, run_here, train_script_command
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
@@ -95,8 +95,10 @@ def cpu_config(name: str, changes: dict[str, str], path):
 
 
 def run(workdir, name, *overrides, launcher=()):
+    """The script under `launcher` in new processes, or without one (the baselines) in this process."""
     out = workdir / name
-    result = run_checked(train_script_command(workdir, CONFIG, out, *COMMON, *overrides, launcher=launcher), workdir)
+    command = train_script_command(workdir, CONFIG, out, *COMMON, *overrides, launcher=launcher)
+    result = run_checked(command, workdir) if launcher else run_here(command, workdir)
     state = json.loads((out / "checkpoint-2" / "trainer_state.json").read_text())
     logs = [(e["loss"], e["grad_norm"]) for e in state["log_history"] if "loss" in e]
     return result, logs, load_file(out / "model.safetensors")
@@ -110,7 +112,7 @@ def workdir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def single_process(workdir):
-    """One process, sp = 1, batch 2: the baseline for a loss setting, run once per setting."""
+    """One process (this one), sp = 1, batch 2: the baseline for a loss setting, run once per setting."""
     runs = {}
 
     def baseline(loss):

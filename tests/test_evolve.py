@@ -220,14 +220,15 @@ def test_reference_base_option(two_rounds, base_model, tmp_path, monkeypatch):
     assert spies.trainers == [{"policy": round1, "reference": saved_digest(base_model)}]
 
 
-def test_launch_command_trains_the_round_in_another_process(two_rounds, base_model, tmp_path):
+def test_launch_command_trains_the_round_in_another_process(two_rounds, base_model, tmp_path, monkeypatch, capsys):
+    """`trl-longpo evolve` runs here (its round-2 generation in this process); the launch command it runs trains the
+    round in another process."""
+    from trl_longpo.cli import main
+
     config_file = _round_two_only(two_rounds, base_model, tmp_path, launch=shlex.quote(sys.executable))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(
-        [sys.executable, "-m", "trl_longpo.cli", "evolve", str(config_file)], env=env, capture_output=True, text=True
-    )
-    assert run.returncode == 0, run.stderr[-2000:]
-    assert f"-m trl_longpo.evolve --train_round {tmp_path / 'run' / 'round-2'}" in run.stdout
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # for the launched process
+    assert main(["evolve", str(config_file)]) == 0
+    assert f"-m trl_longpo.evolve --train_round {tmp_path / 'run' / 'round-2'}" in capsys.readouterr().out
     done = json.loads((tmp_path / "run" / "round-2" / "done.json").read_text())
     assert done["steps"] == 4
     # the launched process trained the same round as the in-process run

@@ -108,9 +108,9 @@ def _fit(pieces: list[str], limit: int, tokenizer, count: TokenCounter, level: i
     return out
 
 
-def _group(fitted: list[tuple[str, int]], limit: int, count: TokenCounter) -> list[str]:
+def _group(fitted: list[tuple[str, int]], limit: int, count: TokenCounter) -> list[tuple[str, int]]:
     """Greedy packing; the sum of piece counts only estimates a chunk's count (BPE merges across a join can add
-    tokens), so each chunk is re-measured and shortened until it fits."""
+    tokens), so each chunk is re-measured and shortened until it fits; (chunk, its measured tokens)."""
     pieces, counts = [p for p, _ in fitted], [n for _, n in fitted]
     chunks, i = [], 0
     while i < len(pieces):
@@ -118,9 +118,14 @@ def _group(fitted: list[tuple[str, int]], limit: int, count: TokenCounter) -> li
         while j < len(pieces) and (j == i or total + counts[j] <= limit):
             total += counts[j]
             j += 1
-        while j - i > 1 and count(["".join(pieces[i:j])])[0] > limit:
+        n = counts[i]  # a single piece: measured by _fit
+        while j - i > 1:
+            n = count(["".join(pieces[i:j])])[0]
+            if n <= limit:
+                break
             j -= 1
-        chunks.append("".join(pieces[i:j]))
+            n = counts[i]
+        chunks.append(("".join(pieces[i:j]), n))
         i = j
     return chunks
 
@@ -130,9 +135,8 @@ def chunk_document(text: str, tokenizer, chunk_tokens: int, count: TokenCounter 
     if not text:
         return []
     count = count or token_counter(tokenizer)
-    texts = _group(_fit(split_units(text), chunk_tokens, tokenizer, count), chunk_tokens, count)
     chunks, pos = [], 0
-    for chunk_text, n in zip(texts, count(texts)):
+    for chunk_text, n in _group(_fit(split_units(text), chunk_tokens, tokenizer, count), chunk_tokens, count):
         chunks.append(Chunk(chunk_text, pos, pos + len(chunk_text), n))
         pos += len(chunk_text)
     return chunks
