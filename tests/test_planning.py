@@ -16,6 +16,8 @@ from trl_longpo.cli import main as cli_main
 from trl_longpo.sequence_parallel.planning import (
     BUILTIN_SHAPES,
     GIB,
+    LM_HEAD_TOKEN_TILE,
+    LM_HEAD_VOCAB_TILE,
     MEASURED_INVENTORY,
     MEASURED_SHAPE,
     PlanOptions,
@@ -73,20 +75,32 @@ def test_mistral_bytes_per_token_is_the_hand_computation():
     assert token_bytes(BUILTIN_SHAPES["Mistral-7B"]).total() == MISTRAL_BYTES_PER_TOKEN
 
 
+def test_lm_head_tiles_are_trls():
+    """The planner's fused-LM-head buffers follow TRL's tile sizes; a TRL release that changes them must fail here."""
+    from trl.kernels import chunked_logprob
+    from trl.trainer import utils
+
+    assert (LM_HEAD_TOKEN_TILE, LM_HEAD_VOCAB_TILE) == (
+        chunked_logprob.TOKEN_CHUNK_SIZE,
+        utils._CHUNKED_LOGPROB_CHUNK_SIZE,
+    )
+
+
 # The README's ring table with the tree's buffers before issue 17 (K/V + fp32 dK/dV over the gathered length),
 # computed by hand: tokens per group L + 1,025, tokens/GPU = ceil(group / sp), activations = tokens/GPU x 520,882 B,
-# K/V gather = group x 1,024 x 12 B, fixed = 16 B x 7,241,732,096 params / GPUs + 7 GiB, unshared = ceil(2L / sp) x
-# 520,882 B + fixed. (max_length K, dp, sp) -> (tokens/GPU, activations, K/V gather, fixed, total, unshared total) in
-# GiB, one decimal.
+# K/V gather = group x 1,024 x 12 B, fixed = 16 B x 7,241,732,096 params / GPUs + the LM head's backward buffers
+# (4,096 x 32,768 x 2 B tile + 32,000 x 4,096 x (4 + 2) B weight gradient = 0.98 GiB) + 7 GiB, unshared =
+# ceil(2L / sp) x 520,882 B + fixed. (max_length K, dp, sp) -> (tokens/GPU, activations, K/V gather, fixed, total,
+# unshared total) in GiB, one decimal.
 HAND_COMPUTED = {
-    (128, 4, 2): (66_049, 32.0, 1.5, 20.5, 54.0, 84.1),
-    (128, 2, 4): (33_025, 16.0, 1.5, 20.5, 38.0, 52.3),
-    (128, 1, 8): (16_513, 8.0, 1.5, 20.5, 30.0, 36.4),
-    (256, 2, 4): (65_793, 31.9, 3.0, 20.5, 55.4, 84.1),
-    (256, 1, 8): (32_897, 16.0, 3.0, 20.5, 39.5, 52.3),
-    (512, 2, 4): (131_329, 63.7, 6.0, 20.5, 90.2, 147.7),
-    (512, 1, 8): (65_665, 31.9, 6.0, 20.5, 58.4, 84.1),
-    (512, 1, 16): (32_833, 15.9, 6.0, 13.7, 35.7, 45.5),
+    (128, 4, 2): (66_049, 32.0, 1.5, 21.5, 55.0, 85.1),
+    (128, 2, 4): (33_025, 16.0, 1.5, 21.5, 39.0, 53.3),
+    (128, 1, 8): (16_513, 8.0, 1.5, 21.5, 31.0, 37.4),
+    (256, 2, 4): (65_793, 31.9, 3.0, 21.5, 56.4, 85.1),
+    (256, 1, 8): (32_897, 16.0, 3.0, 21.5, 40.4, 53.3),
+    (512, 2, 4): (131_329, 63.7, 6.0, 21.5, 91.2, 148.6),
+    (512, 1, 8): (65_665, 31.9, 6.0, 21.5, 59.3, 85.1),
+    (512, 1, 16): (32_833, 15.9, 6.0, 14.7, 36.7, 46.5),
 }
 
 

@@ -7,15 +7,15 @@ head_dim, vocab, scalar) and dtype. Each class scales with the target model's wi
 as measured. Per token of an SP group, with gradient checkpointing: every layer's bf16 input + one recomputed layer +
 everything outside the layers (the probe runs TRL's fused LM head, as training does: no logits are kept) + the fused
 head's backward gradient of its input (`TokenBytes.lm_head_grad`: arithmetic from TRL's `ChunkedLogProbFunction`,
-transient, while the saved activations are still held). The head's per-call tile and fp32 weight gradient
-(`4096 x min(vocab, 32768) x 2 B + vocab x hidden x 4 B`, 0.73 GiB for Mistral-7B) do not grow with tokens: the
-allowance covers them.
+transient, while the saved activations are still held). The head's logits tile and weight gradient do not grow with
+tokens: `lm_head_buffer_bytes`, part of the fixed memory.
 
 Per GPU of a (dp, u, r) split (sp = u x r ranks per sequence, Ulysses degree u inside, ring degree r across):
   - activations: ceil(tokens per SP group / sp) x the per-token bytes (sp divides them exactly: measured);
   - attention buffers (transient, not divided by the whole sp; see `attention_buffer_bytes`);
   - fixed: ZeRO-3 / FSDP2 full sharding of bf16 weights + grads, fp32 master weights + Adam moments (16 B/param
-    over all GPUs) + an allowance for gathered layer weights, communication buffers, CUDA context, fragmentation.
+    over all GPUs) + the fused LM head's backward buffers (`lm_head_buffer_bytes`) + an allowance for gathered layer
+    weights, communication buffers, CUDA context, fragmentation.
 Communication per layer: bytes each rank sends per attention layer per step (`comm_bytes_per_layer`), the formulas
 `benchmarks/sp_comm.py` checks against counted collectives; the time is that volume over stated bandwidths
 (arithmetic, not a measurement).
@@ -194,6 +194,19 @@ def token_bytes(shape: ModelShape, inventory=None, measured: ModelShape = MEASUR
         lm_head_grad=(4 + 2) * shape.hidden,  # TRL's ChunkedLogProbFunction.backward: fp32 zeros, then .to(bf16)
         layers=shape.layers,
     )
+
+
+# TRL's fused LM head (`trl.kernels.chunked_logprob`): logits are computed in tiles of TOKEN_CHUNK_SIZE tokens x
+# _CHUNKED_LOGPROB_CHUNK_SIZE vocabulary entries, one tile buffer per call (a test checks these against TRL).
+LM_HEAD_TOKEN_TILE = 4096
+LM_HEAD_VOCAB_TILE = 32768
+
+
+def lm_head_buffer_bytes(shape: ModelShape) -> float:
+    """Per-GPU memory of the fused LM head's backward that does not grow with tokens: its bf16 logits tile and the
+    weight gradient, accumulated in fp32 and cast to bf16 on return (both alive at once; arithmetic from TRL's
+    `ChunkedLogProbFunction.backward`). Full vocab x hidden on every GPU: the head is gathered under ZeRO-3 / FSDP2."""
+    return LM_HEAD_TOKEN_TILE * LM_HEAD_VOCAB_TILE * 2 + shape.vocab * shape.hidden * (4 + 2)
 
 
 # ----------------------------------------------------------------------------------------------- layouts
@@ -385,7 +398,7 @@ def plan_split(shape: ModelShape, options: PlanOptions, dp: int, ulysses: int, r
     local = math.ceil(tokens / sp)
     activations = local * per_token
     buffers = attention_buffer_bytes(shape, options, ulysses, ring, tokens)
-    fixed = 16 * shape.num_parameters / (dp * sp) + options.allowance_gib * GIB
+    fixed = 16 * shape.num_parameters / (dp * sp) + lm_head_buffer_bytes(shape) + options.allowance_gib * GIB
     comm = comm_bytes_per_layer(
         shape, ulysses, ring, tokens, share_prompt=options.share_prompt, ring_attn_impl=options.ring_attn_impl,
         recompute=options.checkpointing, tree_chunked_grads=options.tree_chunked_grads,
@@ -485,7 +498,8 @@ def format_plan(
         (
             f"# activations: {per_token / 1024:,.1f} KiB per token (measured inventory scaled by widths, incl. "
             f"{token_bytes(shape).lm_head_grad / 1024:,.0f} KiB LM-head input gradient); fixed: 16 B x "
-            f"{shape.num_parameters / 1e9:.2f} B params / GPUs + {options.allowance_gib:.1f} GiB; comm: bytes per "
+            f"{shape.num_parameters / 1e9:.2f} B params / GPUs + {lm_head_buffer_bytes(shape) / GIB:.2f} GiB LM-head "
+            f"backward + {options.allowance_gib:.1f} GiB; comm: bytes per "
             f"rank per attention layer per step; time at NVLink {options.nvlink_gbps:.0f} / network "
             f"{options.network_gbps:.0f} GB/s, attention at {options.attention_tflops:.0f} TFLOPS (arithmetic)"
         ),
