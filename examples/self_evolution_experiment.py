@@ -471,6 +471,9 @@ def summarise_curves(training, base_metrics, arms, seeds) -> dict[str, dict[int,
     curves = {}
     for arm in arms:
         per_seed = [training[f"{arm}/seed{seed}"]["curve"] for seed in seeds]
+        # seeds may end a few steps apart (rows per seed differ): their last points are plotted at the longest run
+        last = max(max(c) for c in per_seed)
+        per_seed = [{**c, last: c[max(c)]} for c in per_seed]
         steps = sorted(set.intersection(*(set(c) for c in per_seed)))
         start = base_metrics[arm] if isinstance(base_metrics.get(arm), dict) else base_metrics["base"]
         curves[arm] = {0: {k: (v, 0.0) for k, v in start.items()}}
