@@ -568,7 +568,7 @@ class Settings:
     arms: list[str] = field(default_factory=lambda: list(ALL_ARMS))
 
 
-QUICK = dict(seeds=[0], num_documents=200, num_documents_round2=24, probes_per_length=32, retention_samples=16,
+QUICK = dict(seeds=[0], num_documents=200, num_documents_round2=120, probes_per_length=32, retention_samples=16,
              epochs=1.0)
 
 
