@@ -29,8 +29,19 @@ ACCELERATE_LAUNCH = ("-m", "accelerate.commands.launch", "--main_process_port", 
 
 def pytest_xdist_auto_num_workers(config) -> int:
     """`-n auto` (pyproject.toml): one worker per core, at most 4 (every worker imports torch and builds models, and
-    the multi-process tests start up to 4 ranks each); none on one core."""
-    return min(CORES, 4) if CORES > 1 else 0
+    the multi-process tests start up to 4 ranks each). None (the tests run in this process) on one core, or when
+    test files are named (`pytest tests/test_x.py -k name`: a few tests gain nothing from workers that each import
+    torch); `-n 2` forces workers."""
+    if CORES < 2 or any(Path(arg.split("::")[0]).is_file() for arg in config.args):
+        return 0
+    return min(CORES, 4)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Modules with a `slow` test first, otherwise in the usual order: xdist (`--dist loadscope`) hands whole modules
+    to the workers in this order, so the long ones start first and the many short ones even out the end."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
 
 
 @pytest.fixture(scope="session")

@@ -150,6 +150,7 @@ evolve.run_evolve(config, callbacks=lambda r: [Kill()] if r == 2 else [])
 """
 
 
+@pytest.mark.slow
 def test_kill_during_round_two_then_rerun_resumes_round_two(two_rounds, base_model, tmp_path, monkeypatch):
     output = tmp_path / "run"
     shutil.copytree(two_rounds["output"] / "round-1", output / "round-1")  # a finished round 1
@@ -220,6 +221,7 @@ def test_reference_base_option(two_rounds, base_model, tmp_path, monkeypatch):
     assert spies.trainers == [{"policy": round1, "reference": saved_digest(base_model)}]
 
 
+@pytest.mark.slow
 def test_launch_command_trains_the_round_in_another_process(two_rounds, base_model, tmp_path, monkeypatch, capsys):
     """`trl-longpo evolve` runs here (its round-2 generation in this process); the launch command it runs trains the
     round in another process."""
