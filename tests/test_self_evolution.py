@@ -25,8 +25,8 @@ def test_every_arm_trains_and_every_metric_is_computed(tmp_path):
     experiment = _load()
     out = tmp_path / "evo"
     result = experiment.main(
-        ["--quick", "--output_dir", str(out), "--base_steps", "150", "--base_curriculum_steps", "100",
-         "--num_documents", "24", "--num_documents_round2", "32", "--probes_per_length", "2",
+        ["--quick", "--output_dir", str(out), "--base_steps", "60", "--base_curriculum_steps", "40",
+         "--base_check_samples", "8", "--num_documents", "12", "--num_documents_round2", "16", "--probes_per_length", "2",
          "--retention_samples", "2", "--epochs", "1", "--batch_size", "4", "--answer_temperature", "1.0"]
     )
     lengths = result["lengths"]
