@@ -2,7 +2,6 @@
 run outside the suite) and `--help` works, in-process."""
 
 import importlib
-import sys
 from pathlib import Path
 
 import pytest
